@@ -1,0 +1,108 @@
+"""Devices, meshes and hosts: one code path from one CPU to many GPUs on many hosts.
+
+A `jax.sharding.Mesh` with axes ('data', 'model'):
+- the batch is sharded over 'data' (each process feeds its own slice; global arrays are
+  assembled with `jax.make_array_from_process_local_data`);
+- parameters are replicated, except that with ``config.mesh.shard_items`` the item
+  embedding table (which is also the tied item head) is sharded by rows over 'model'.
+  The chunked loss then works on row shards of the logits: XLA's SPMD partitioner turns
+  the log-sum-exp and the label gather into reductions over 'model', so the full
+  [tokens, V] logits are never gathered on one device.
+Everything else is ordinary `jax.jit` with shardings: no hand-written communication.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = 'data', 'model'
+
+
+def initialize_distributed(coordinator: str = '', num_processes: int = 0,
+                           process_id: int = -1) -> None:
+  """Starts JAX's distributed runtime when running on several processes.
+
+  Explicit settings win; otherwise ``jax.distributed.initialize()`` detects SLURM,
+  Open MPI and TPU pods itself, and `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+  `JAX_PROCESS_ID` are read from the environment. A single plain process does
+  nothing."""
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  coordinator = coordinator or env.get('JAX_COORDINATOR_ADDRESS', '')
+  num_processes = num_processes or int(env.get('JAX_NUM_PROCESSES', '0') or 0)
+  if process_id < 0:
+    process_id = int(env.get('JAX_PROCESS_ID', '-1') or -1)
+  in_slurm = int(env.get('SLURM_NTASKS', '1') or 1) > 1
+  if coordinator and num_processes > 1:
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=num_processes,
+                               process_id=process_id if process_id >= 0 else None)
+  elif in_slurm:
+    jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, model: int = 1) -> Mesh:
+  """A ('data', 'model') mesh over all devices; data=-1 takes what model leaves."""
+  n = jax.device_count()
+  if model < 1 or n % model:
+    raise ValueError(f'mesh.model={model} does not divide the {n} devices')
+  if data == -1:
+    data = n // model
+  if data * model != n:
+    raise ValueError(f'mesh.data={data} x mesh.model={model} != {n} devices; '
+                     'use mesh.data=-1 to take all devices')
+  return jax.make_mesh((data, model), (DATA, MODEL),
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def param_shardings(params, mesh: Mesh, shard_items: bool):
+  """Replicated parameters; with `shard_items` the item table's rows over 'model'."""
+  def spec(path, x):
+    names = [getattr(p, 'key', '') for p in path]
+    if shard_items and names[:1] == ['item_emb'] and x.ndim == 2:
+      return NamedSharding(mesh, P(MODEL, None))
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA))
+
+
+def process_slice() -> tuple[int, int]:
+  """(index, count) of this process, for sharding the input pipelines."""
+  return jax.process_index(), jax.process_count()
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays sharded over 'data'."""
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items()}
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
+  data = mesh.shape[DATA]
+  if batch_size % data or batch_size % jax.process_count():
+    raise ValueError(f'{what}={batch_size} must be divisible by the data axis ({data} '
+                     f'devices) and the process count ({jax.process_count()})')
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host, replicated) array as numpy on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+

@@ -1,0 +1,158 @@
+"""The workdir record of a run: config.json, metrics.jsonl, TensorBoard events,
+summary.json, and the console progress (process 0 only).
+
+Files are replaced atomically (temporary file + rename) so a killed run never leaves a
+half-written JSON file behind; metrics.jsonl is truncated to the resumed epoch on
+restart so it never holds the same epoch twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=directory)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_plain) + '\n')
+
+
+def _plain(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, (np.ndarray,)):
+    return x.tolist()
+  if isinstance(x, tuple):
+    return list(x)
+  raise TypeError(f'not JSON serialisable: {type(x)}')
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          break  # a torn last line of a killed run
+  return out
+
+
+class RunLog:
+  """Writes the workdir record; a no-op on processes other than 0."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    self.workdir, self.enabled = workdir, enabled
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        self._tb = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write_config(self, config_dict: dict) -> None:
+    if self.enabled:
+      write_json(os.path.join(self.workdir, 'config.json'), config_dict)
+
+  def truncate_metrics(self, before_epoch: int) -> None:
+    """Keeps only the records of epochs < before_epoch (the resumed state)."""
+    if not self.enabled:
+      return
+    kept = [r for r in read_metrics(self.workdir) if r.get('epoch', -1) < before_epoch]
+    atomic_write_text(os.path.join(self.workdir, 'metrics.jsonl'),
+                      ''.join(json.dumps(r, default=_plain) + '\n' for r in kept))
+
+  def append_metrics(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps(record, default=_plain) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+    self.scalars(record['step'], {k: v for k, v in record.items()
+                                  if '/' in k and isinstance(v, (int, float))})
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not (self.enabled and self._tb):
+      return
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                       summary=summary))
+
+  def write_summary(self, summary: dict) -> None:
+    if self.enabled:
+      write_json(os.path.join(self.workdir, 'summary.json'), summary)
+
+  def close(self) -> None:
+    if self._tb:
+      self._tb.close()
+      self._tb = None
+
+
+class Progress:
+  """An in-place progress line on a terminal (silent when not attached to one)."""
+
+  def __init__(self, total: int, desc: str, enabled: bool = True):
+    self.total, self.desc = total, desc
+    self.enabled = enabled and sys.stderr.isatty()
+    self.start = time.perf_counter()
+    self._last = 0.0
+
+  def update(self, done: int, extra: str = '') -> None:
+    if not self.enabled:
+      return
+    now = time.perf_counter()
+    if now - self._last < 0.25 and done < self.total:
+      return
+    self._last = now
+    rate = done / max(now - self.start, 1e-9)
+    eta = (self.total - done) / rate if rate > 0 else 0.0
+    width = 24
+    fill = int(width * done / max(self.total, 1))
+    sys.stderr.write(f'\r{self.desc} [{"#" * fill}{"." * (width - fill)}] '
+                     f'{done}/{self.total} {extra} eta {format_seconds(eta)}   ')
+    sys.stderr.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      sys.stderr.write('\r' + ' ' * 100 + '\r')
+      sys.stderr.flush()
+
+
+def format_seconds(s: float) -> str:
+  s = int(round(s))
+  if s < 60:
+    return f'{s}s'
+  if s < 3600:
+    return f'{s // 60}m{s % 60:02d}s'
+  return f'{s // 3600}h{s % 3600 // 60:02d}m'
