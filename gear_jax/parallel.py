@@ -88,6 +88,14 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
           for k, v in batch.items()}
 
 
+def abstract_batch(example: dict[str, np.ndarray], mesh: Mesh,
+                   process_count: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes/dtypes/shardings of batches like `example` (this process's rows)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype,
+                                  sharding=sharding) for k, v in example.items()}
+
+
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
   data = mesh.shape[DATA]
   if batch_size % data or batch_size % jax.process_count():

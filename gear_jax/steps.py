@@ -100,7 +100,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: model_lib.G
                             loss_impl=loss_impl, loss_memory_mb=loss_memory_mb)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  aux['grad_norm'] = optax.global_norm(grads)
+  aux['grad_norm'] = optax.tree.norm(grads)
   return state.replace(params=params, opt_state=opt_state, step=state.step + 1), aux
 
 

@@ -1,0 +1,60 @@
+"""Shared test fixtures. Tests run on CPU; caches go to a per-session temp dir."""
+
+import os
+import pathlib
+import sys
+import tempfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared'
+FIXTURE = SHARED / 'fixtures' / 'gear_reference_small.npz'
+SYNTH6K = SHARED / 'bench' / 'synth6k' / 'retail.txt'
+MARKOV3K = SHARED / 'bench' / 'markov3k' / 'retail.txt'
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Tests compile many small programs: LLVM at -O0 halves XLA:CPU compile time (results
+# differ only in float rounding), and the persistent compilation cache lets the
+# subprocess runs of the same tiny config reuse each other's executables.
+os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='gear_xla_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+
+
+def require(path: pathlib.Path) -> pathlib.Path:
+  """The shared reference file, or a skip when the checkout has no ../shared."""
+  if not path.exists():
+    pytest.skip(f'{path} not available (expects the shared folder beside the repo)')
+  return path
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _session_cache(tmp_path_factory):
+  # nothing a test does may touch the user's ~/.cache/gear_jax
+  os.environ['GEAR_JAX_CACHE'] = str(tmp_path_factory.mktemp('gear_cache'))
+  yield
+
+
+@pytest.fixture
+def write(tmp_path):
+  """write('name.txt', text) -> path of a file in tmp_path."""
+  def _write(name: str, text: str | bytes) -> str:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+      path.write_bytes(text)
+    else:
+      path.write_text(text)
+    return str(path)
+  return _write
+
+
+def run_module(module: str, *args: str, env: dict | None = None, cwd=REPO,
+               timeout: float = 600):
+  """Runs `python -m module args` in a subprocess; returns the CompletedProcess."""
+  import subprocess
+  full_env = dict(os.environ)
+  full_env.update(env or {})
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
