@@ -42,7 +42,7 @@ class CheckpointStore:
                                   keep_checkpoints_without_metrics=False)])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=_rank, best_mode='max',
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+        create=not read_only, cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=True)
     handlers = {'params': ocp.StandardCheckpointHandler(),
                 'train': ocp.StandardCheckpointHandler(),

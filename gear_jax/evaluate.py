@@ -160,13 +160,14 @@ def run(config, workdir: str, *, checkpoint: str = 'best', split: str = 'val',
   mesh = parallel.make_mesh(int(config.mesh.data), int(config.mesh.model))
   model = model_lib.build(data.num_items, data.num_behaviors, config.model,
                           config.model.precision)
-  target = jax.eval_shape(functools.partial(
-      model_lib.init_params, model, max_len=int(config.data.max_len)),
-      jax.random.PRNGKey(0))
-  shardings = parallel.param_shardings(target, mesh, bool(config.mesh.shard_items))
-  target = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
-  params, meta = store.restore(step, params_target=target).values()
+  target = steps.param_target(model, mesh, int(config.data.max_len),
+                              bool(config.mesh.shard_items))
+  meta = store.read_meta(step)
+  if meta.get('num_items') not in (None, data.num_items):
+    raise ValueError(f'checkpoint {step} was made for {meta["num_items"]:,} items but '
+                     f'{config.data.path} has {data.num_items:,}: point data.path at the '
+                     'data set the model was trained on')
+  params = store.restore(step, params_target=target)['params']
   evaluator = Evaluator(data, config, model, mesh, verbose=False)
   start = time.perf_counter()
   result = evaluator.evaluate(params, split)

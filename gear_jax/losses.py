@@ -6,8 +6,9 @@ functions here compute the same loss and gradients without ever materialising [N
 
 * `dense_linear_cross_entropy`: the reference (plain jnp + autodiff), materialises [N, V].
 * `chunked_linear_cross_entropy`: scans over token chunks; the forward pass already forms
-  the gradients (softmax - onehot is at hand there) and saves only dh [N, d] and dE [V, d],
-  so the backward pass is a scalar multiply. Fastest; memory O(token_chunk * V + V * d).
+  the gradients (the softmax part in the loop, the one-hot part once outside it) and saves
+  only dh [N, d] and dE [V, d], so the backward pass is a scalar multiply. Fastest; memory
+  O(token_chunk * V + V * d).
 * `vocab_chunked_linear_cross_entropy`: scans over vocabulary chunks with an online
   log-sum-exp and saves only lse [N]; the backward pass recomputes each chunk's logits.
   Memory O(N * vocab_chunk); for catalogs where even a few rows of [V] logits are too big.
@@ -50,6 +51,9 @@ DTypeLike = Any
 _BYTES_PER_LOGIT = 4 * 3
 _MIN_TOKEN_CHUNK = 8
 _MAX_TOKEN_CHUNK = 4096
+# On CPU, chunks beyond ~512 rows got slower again (V = 4k: 256-640 rows ~38 ms per
+# loss + grads for N = 6400, 3200 rows 55 ms): smaller chunks stay in cache longer.
+_MAX_TOKEN_CHUNK_CPU = 512
 # Below this many rows per chunk the token scan spends its time re-reading/writing the
 # [V, d] gradient accumulator instead of computing; vocabulary chunks are better then.
 _MIN_USEFUL_TOKEN_CHUNK = 64
@@ -131,49 +135,73 @@ def dense_linear_cross_entropy(
 # --------------------------------------------------------------------------------------
 
 
+def _label_logits(hc: jnp.ndarray, ec: jnp.ndarray, y: jnp.ndarray, precision) -> jnp.ndarray:
+  """hc[n] . ec[y[n]]: the label's logit per position, [N] float32 (a gather, O(N d))."""
+  return jnp.einsum("nd,nd->n", hc, jnp.take(ec, y, axis=0), precision=precision,
+                    preferred_element_type=jnp.float32)
+
+
+def _label_grads(hc: jnp.ndarray, ec: jnp.ndarray, y: jnp.ndarray, scale: jnp.ndarray
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The one-hot part of d(sum scale * CE): -scale * E[y] for h, -scale * h added to row y
+  of E. Done once outside the chunk loops (a gather and a scatter-add of N rows), so the
+  loops only handle the softmax part and never compare an iota against the labels."""
+  f32 = jnp.float32
+  dh = -scale[:, None] * jnp.take(ec, y, axis=0).astype(f32)  # [N, d]
+  de = jnp.zeros(ec.shape, f32).at[y].add(-scale[:, None] * hc.astype(f32))  # [V, d]
+  return dh, de
+
+
 def _token_scan(h, emb, y, w, token_chunk: int, precision, cd, with_grads: bool):
-  """Scans token chunks; returns per-position CE [N] and, if asked, dh [N, d], dE [V, d]."""
+  """Scans token chunks; returns per-position CE [N] and, if asked, dh [N, d], dE [V, d].
+
+  Per chunk of T rows: logits [T, V], their row max m, ex = exp(logits - m) (the only
+  exp) and s = rowsum(ex). The softmax part of dlogits is ex * (w / s); instead of
+  forming it, the row scale c = w / s is applied to the small operands: dh = (ex @ E) * c
+  and dE^T += (h * c)^T @ ex. So after the logits matmul there are two elementwise passes
+  over [T, V] (max, exp + sum) and the two gradient matmuls read ex directly."""
   n, d = h.shape
   v = emb.shape[0]
+  f32 = jnp.float32
   chunk = max(1, min(token_chunk, n))  # N < token_chunk: a single chunk, no padding
   num = -(-n // chunk)
   pad = num * chunk - n
   hc, ec = _cast(h, cd), _cast(emb, cd)
-  if pad:  # padded rows: h = 0, label 0, weight 0 -> finite CE (log V) that counts for 0
-    hc = jnp.pad(hc, ((0, pad), (0, 0)))
-    y = jnp.pad(y, (0, pad))
-    w = jnp.pad(w, (0, pad))
-  xs = (hc.reshape(num, chunk, d), y.reshape(num, chunk), w.reshape(num, chunk))
+  label_logit = _label_logits(hc, ec, y, precision)  # [N]
+  hp, wp = hc, w
+  if pad:  # padded rows: h = 0, weight 0 -> finite lse (log V) that counts for 0
+    hp = jnp.pad(hc, ((0, pad), (0, 0)))
+    wp = jnp.pad(w, (0, pad))
+  xs = (hp.reshape(num, chunk, d), wp.reshape(num, chunk))
 
-  def chunk_terms(h_c, y_c):
+  def chunk_exp(h_c):
     logits = _logits(h_c, ec, precision)  # [T, V] f32
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
-    label_logit = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
-    return logits, lse, lse - label_logit
+    m = jnp.max(logits, axis=-1)
+    ex = jnp.exp(logits - m[:, None])  # [T, V], in (0, 1]
+    s = jnp.sum(ex, axis=-1)
+    return ex, s, m + jnp.log(s)
 
   if not with_grads:
-    def body_loss(carry, x):
-      h_c, y_c, _ = x
-      return carry, chunk_terms(h_c, y_c)[2]
+    _, lse = lax.scan(lambda carry, x: (carry, chunk_exp(x[0])[2]), None, xs)
+    return lse.reshape(-1)[:n] - label_logit, None, None
 
-    _, ce = lax.scan(body_loss, None, xs)
-    return ce.reshape(-1)[:n], None, None
+  def body(de_t, x):
+    h_c, w_c = x
+    ex, s, lse = chunk_exp(h_c)
+    c = w_c / s  # [T]: w * softmax = ex * c
+    ex = ex.astype(ec.dtype)  # matmul operands in compute dtype, f32 accumulation
+    dh_c = _dot(ex, ec, (1, 0), precision) * c[:, None]  # [T, d]
+    # dE^T = (h c)^T ex: [d, V]. Contracting the rows of ex as the right operand keeps
+    # it in the row-major [K, N] layout the CPU matmul kernels take directly (ex^T h
+    # took a generic, ~2x slower path).
+    hs = (h_c.astype(f32) * c[:, None]).astype(ec.dtype)
+    de_t = de_t + _dot(hs, ex, (0, 0), precision)  # [d, V]
+    return de_t, (lse, dh_c)
 
-  def body(de, x):
-    h_c, y_c, w_c = x
-    logits, lse, ce = chunk_terms(h_c, y_c)
-    # d(w * CE)/d logits = w * (softmax - onehot); the compare against an iota fuses into
-    # the same elementwise pass as the exp instead of a scatter into [T, V].
-    onehot = y_c[:, None] == lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    dlogits = w_c[:, None] * (jnp.exp(logits - lse[:, None]) - onehot)
-    dlogits = dlogits.astype(ec.dtype)  # matmul operands in compute dtype, f32 accumulation
-    dh_c = _dot(dlogits, ec, (1, 0), precision)  # [T, d]
-    de = de + _dot(dlogits, h_c, (0, 0), precision)  # [V, d]
-    return de, (ce, dh_c)
-
-  de, (ce, dh) = lax.scan(body, jnp.zeros((v, d), jnp.float32), xs)
-  return ce.reshape(-1)[:n], dh.reshape(-1, d)[:n], de
+  de_t, (lse, dh) = lax.scan(body, jnp.zeros((d, v), f32), xs)
+  dh_label, de_label = _label_grads(hc, ec, y, w)
+  return (lse.reshape(-1)[:n] - label_logit, dh.reshape(-1, d)[:n] + dh_label,
+          de_t.T + de_label)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -226,54 +254,40 @@ def chunked_linear_cross_entropy(
 # --------------------------------------------------------------------------------------
 
 
-def _vocab_layout(emb, vocab_chunk: int, cd):
-  """Pads the table to a multiple of the chunk and stacks it [C, vocab_chunk, d]."""
-  v, d = emb.shape
+def _vocab_layout(ec, vocab_chunk: int):
+  """Splits the table into whole chunks [C, chunk, d] and a tail [r, d] (None if r = 0).
+
+  The tail is handled by one more call of the loop body outside the scan, so no padded
+  rows (and no -inf masking of their logits) are needed."""
+  v, d = ec.shape
   chunk = max(1, min(vocab_chunk, v))
-  num = -(-v // chunk)
-  pad = num * chunk - v
-  ec = _cast(emb, cd)
-  if pad:
-    ec = jnp.pad(ec, ((0, pad), (0, 0)))
-  offsets = jnp.arange(num, dtype=jnp.int32) * chunk
-  return ec.reshape(num, chunk, d), offsets, chunk, pad
-
-
-def _vocab_chunk_logits(hc, e_c, offset, v: int, pad: int, precision):
-  """[N, chunk] float32 logits of one vocabulary chunk; padded rows get -inf."""
-  logits = _logits(hc, e_c, precision)
-  col = offset + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-  if pad:  # static: only emitted when the table was padded
-    logits = jnp.where(col < v, logits, -jnp.inf)
-  return logits, col
+  num = v // chunk
+  tail = ec[num * chunk:] if num * chunk < v else None
+  return ec[:num * chunk].reshape(num, chunk, d), tail
 
 
 def _vocab_forward(h, emb, y, vocab_chunk: int, precision, cd):
   """Per-position log-sum-exp [N] and CE [N] via an online (running max / sum) scan."""
   n = h.shape[0]
-  v = emb.shape[0]
-  hc = _cast(h, cd)
-  e_chunks, offsets, chunk, pad = _vocab_layout(emb, vocab_chunk, cd)
+  hc, ec = _cast(h, cd), _cast(emb, cd)
+  e_chunks, tail = _vocab_layout(ec, vocab_chunk)
 
-  def body(carry, x):
-    m, s, label_logit = carry
-    e_c, offset = x
-    logits, _ = _vocab_chunk_logits(hc, e_c, offset, v, pad, precision)
-    # Every chunk holds at least one real row, so m_new is finite and exp(m - m_new) = 0
-    # on the first step (m = -inf) instead of NaN.
+  def body(carry, e_c):
+    m, s = carry
+    logits = _logits(hc, e_c, precision)  # [N, chunk]
+    # Every chunk holds at least one row, so m_new is finite and exp(m - m_new) = 0 on
+    # the first step (m = -inf) instead of NaN.
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=-1)
-    # The label logit is read from the same matmul as the lse (same rounding/TF32).
-    local = y - offset
-    inside = (local >= 0) & (local < chunk)
-    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
-    label_logit = label_logit + jnp.where(inside, picked, 0.0)
-    return (m_new, s, label_logit), None
+    return (m_new, s), None
 
-  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-  (m, s, label_logit), _ = lax.scan(body, init, (e_chunks, offsets))
+  carry = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
+  carry, _ = lax.scan(body, carry, e_chunks)
+  if tail is not None:
+    carry, _ = body(carry, tail)
+  m, s = carry
   lse = m + jnp.log(s)
-  return lse, lse - label_logit
+  return lse, lse - _label_logits(hc, ec, y, precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -289,23 +303,26 @@ def _vocab_ce_fwd(h, emb, y, w, vocab_chunk, precision, cd):
 
 def _vocab_ce_bwd(vocab_chunk, precision, cd, res, g):
   h, emb, y, w, lse, ce = res
-  n, d = h.shape
-  v = emb.shape[0]
-  hc = _cast(h, cd)
-  e_chunks, offsets, _, pad = _vocab_layout(emb, vocab_chunk, cd)
-  scale = (g * w)[:, None]  # fold the incoming cotangent into the weights once
+  f32 = jnp.float32
+  hc, ec = _cast(h, cd), _cast(emb, cd)
+  e_chunks, tail = _vocab_layout(ec, vocab_chunk)
+  scale = g * w  # fold the incoming cotangent into the weights once: [N]
+  # softmax part of dlogits: exp(logits - lse) * scale; the row scale goes on the small
+  # operands (h for dE, the accumulated dh at the end), see `_token_scan`
+  hs = (hc.astype(f32) * scale[:, None]).astype(ec.dtype)
 
-  def body(dh, x):
-    e_c, offset = x
-    logits, col = _vocab_chunk_logits(hc, e_c, offset, v, pad, precision)
-    # Padded rows: exp(-inf - lse) = 0, so they add nothing to dh and their dE is cut off.
-    dlogits = scale * (jnp.exp(logits - lse[:, None]) - (y[:, None] == col))
-    dlogits = dlogits.astype(e_c.dtype)
-    dh = dh + _dot(dlogits, e_c, (1, 0), precision)  # [N, d]
-    return dh, _dot(dlogits, hc, (0, 0), precision)  # [chunk, d]
+  def body(dh, e_c):
+    p = jnp.exp(_logits(hc, e_c, precision) - lse[:, None]).astype(ec.dtype)  # [N, chunk]
+    return dh + _dot(p, e_c, (1, 0), precision), _dot(hs, p, (0, 0), precision)
 
-  dh, de = lax.scan(body, jnp.zeros((n, d), jnp.float32), (e_chunks, offsets))
-  de = de.reshape(-1, d)[:v]
+  dh, de_t = lax.scan(body, jnp.zeros(h.shape, f32), e_chunks)  # de_t [C, d, chunk]
+  de_t = jnp.moveaxis(de_t, 0, 1).reshape(h.shape[1], -1)  # [d, C * chunk]
+  if tail is not None:
+    dh, de_tail = body(dh, tail)
+    de_t = jnp.concatenate([de_t, de_tail], axis=1)
+  dh_label, de_label = _label_grads(hc, ec, y, scale)
+  dh = dh * scale[:, None] + dh_label
+  de = de_t.T + de_label
   return dh.astype(h.dtype), de.astype(emb.dtype), None, g * ce
 
 
@@ -354,13 +371,19 @@ def _floor_pow2(x: float) -> int:
   return 0 if x < 1 else 1 << int(math.floor(math.log2(x)))
 
 
-def plan_chunks(num_positions: int, vocab_size: int, memory_budget_mb: float = 256.0) -> dict:
+def _default_max_token_chunk() -> int:
+  return _MAX_TOKEN_CHUNK_CPU if jax.default_backend() == "cpu" else _MAX_TOKEN_CHUNK
+
+
+def plan_chunks(num_positions: int, vocab_size: int, memory_budget_mb: float = 256.0,
+                max_token_chunk: int | None = None) -> dict:
   """How `linear_cross_entropy(impl='auto')` will chunk a [num_positions, vocab_size] head.
 
   Token chunks: the largest power of two T with T * V * 12 bytes (logits, probabilities and
-  a temporary, float32) within the budget, clamped to [8, 4096], then evened out over N so
-  the last chunk is not mostly padding. If all positions fit in one chunk that is used. If T
-  would be under 64, vocabulary chunks are used instead, sized the same way from N.
+  a temporary, float32) within the budget, clamped to [8, max_token_chunk] (default 512 on
+  CPU, 4096 elsewhere), then evened out over N so the last chunk is not mostly padding. If
+  all positions fit in one chunk that is used. If T would be under 64, vocabulary chunks
+  are used instead, sized the same way from N.
   Returns a dict with impl, token_chunk, vocab_chunk (None for the unused one), num_chunks,
   est_chunk_mb (the budgeted [chunk] temporaries) and fits_budget.
   """
@@ -368,9 +391,12 @@ def plan_chunks(num_positions: int, vocab_size: int, memory_budget_mb: float = 2
   if n < 1 or v < 1:
     raise ValueError(f"need num_positions >= 1 and vocab_size >= 1, got {n}, {v}")
   budget = float(memory_budget_mb) * 2**20
+  if max_token_chunk is None:
+    max_token_chunk = _default_max_token_chunk()
   t_pow2 = min(_floor_pow2(budget / (v * _BYTES_PER_LOGIT)), _MAX_TOKEN_CHUNK)
   if n <= t_pow2 or t_pow2 >= _MIN_USEFUL_TOKEN_CHUNK:
-    token_chunk = _balanced(n, max(t_pow2, _MIN_TOKEN_CHUNK), _MIN_TOKEN_CHUNK)
+    cap = max(min(t_pow2, int(max_token_chunk)), _MIN_TOKEN_CHUNK)
+    token_chunk = _balanced(n, cap, _MIN_TOKEN_CHUNK)
     est = token_chunk * v * _BYTES_PER_LOGIT
     return dict(
       impl="token", token_chunk=token_chunk, vocab_chunk=None,

@@ -38,6 +38,9 @@ def initialize_distributed(coordinator: str = '', num_processes: int = 0,
   if process_id < 0:
     process_id = int(env.get('JAX_PROCESS_ID', '-1') or -1)
   in_slurm = int(env.get('SLURM_NTASKS', '1') or 1) > 1
+  if (coordinator and num_processes > 1) or in_slurm:
+    # cross-process collectives between CPU devices (tests, CPU clusters); GPUs use NCCL
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if coordinator and num_processes > 1:
     jax.distributed.initialize(coordinator_address=coordinator,
                                num_processes=num_processes,
@@ -46,17 +49,21 @@ def initialize_distributed(coordinator: str = '', num_processes: int = 0,
     jax.distributed.initialize()
 
 
-def make_mesh(data: int = -1, model: int = 1) -> Mesh:
-  """A ('data', 'model') mesh over all devices; data=-1 takes what model leaves."""
-  n = jax.device_count()
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
+  """A ('data', 'model') mesh over `devices` (default: all devices of all processes);
+  data=-1 takes what model leaves."""
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
   if model < 1 or n % model:
     raise ValueError(f'mesh.model={model} does not divide the {n} devices')
   if data == -1:
     data = n // model
-  if data * model != n:
+  if data * model < n and jax.process_count() == 1:
+    devices = devices[:data * model]  # a single process may use fewer devices
+  elif data * model != n:
     raise ValueError(f'mesh.data={data} x mesh.model={model} != {n} devices; '
                      'use mesh.data=-1 to take all devices')
-  return jax.make_mesh((data, model), (DATA, MODEL),
+  return jax.make_mesh((data, model), (DATA, MODEL), devices=devices,
                        axis_types=(AxisType.Auto, AxisType.Auto))
 
 
@@ -108,8 +115,10 @@ def replicate(tree, mesh: Mesh):
 
 
 def to_host(x) -> np.ndarray:
-  """A (possibly multi-host, replicated) array as numpy on every process."""
+  """An array as numpy on every process (replicated values are read locally)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)

@@ -8,6 +8,7 @@ step s is ``fold_in(state.rng, s)``, so a resumed run draws the same masks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gear_jax import losses, metrics
+from gear_jax import losses, metrics, parallel
 from gear_jax import model as model_lib
 
 Array = jax.Array
@@ -58,6 +59,29 @@ def init_state(params, tx: optax.GradientTransformation, rng: Array) -> TrainSta
   """Step 0: fresh optimizer state; `rng` from `dropout_base_key`."""
   return TrainState(params=params, opt_state=tx.init(params),
                     step=jnp.zeros((), jnp.int32), rng=rng)
+
+
+def param_target(model: model_lib.GEAR, mesh, max_len: int, shard_items: bool):
+  """Shapes, dtypes and shardings of the parameters on `mesh` (restore targets)."""
+  shapes = jax.eval_shape(functools.partial(model_lib.init_params, model,
+                                            max_len=max_len), jax.random.PRNGKey(0))
+  shardings = parallel.param_shardings(shapes, mesh, shard_items)
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def create_state(model: model_lib.GEAR, tx: optax.GradientTransformation, mesh, *,
+                 seed: int, max_len: int, shard_items: bool = False) -> TrainState:
+  """The initial training state, created directly with its shardings on `mesh`.
+
+  Parameters come from fold_in(PRNGKey(seed), 0), the dropout base key from
+  `dropout_base_key(seed)`; the optimizer state inherits the parameters' shardings."""
+  target = param_target(model, mesh, max_len, shard_items)
+  init = jax.jit(functools.partial(model_lib.init_params, model, max_len=max_len),
+                 out_shardings=jax.tree_util.tree_map(lambda x: x.sharding, target))
+  params = init(jax.random.fold_in(jax.random.PRNGKey(seed), 0))
+  return jax.jit(functools.partial(init_state, tx=tx))(params,
+                                                       rng=dropout_base_key(seed))
 
 
 def gear_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,

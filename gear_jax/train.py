@@ -127,16 +127,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = model_lib.build(data.num_items, data.num_behaviors, config.model, precision)
   tx = steps.make_optimizer(float(config.train.lr), float(config.train.weight_decay),
                             int(config.train.grad_accum))
-  init_key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-  abstract_params = jax.eval_shape(
-      functools.partial(model_lib.init_params, model, max_len=max_len), init_key)
-  param_sharding = parallel.param_shardings(abstract_params, mesh,
-                                            bool(config.mesh.shard_items))
-  params = jax.jit(functools.partial(model_lib.init_params, model, max_len=max_len),
-                   out_shardings=param_sharding)(init_key)
-  dropout_key = steps.dropout_base_key(seed)
-  state = jax.jit(functools.partial(steps.init_state, tx=tx))(params, rng=dropout_key)
-  n_params = model_lib.count_params(params)
+  state = steps.create_state(model, tx, mesh, seed=seed, max_len=max_len,
+                             shard_items=bool(config.mesh.shard_items))
+  n_params = model_lib.count_params(state.params)
   _log(f'model: GEAR d_model={model.d_model} n_head={model.n_head} '
        f'n_layer={model.n_layer}, {n_params:,} parameters ({n_params / 1e6:.1f} M), '
        f'precision {precision}, mesh {dict(mesh.shape)} on {jax.device_count()} '
@@ -188,7 +181,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   log_every = max(1, int(config.train.log_every))
   monitor = config.eval.monitor
   epoch_times: list[float] = []
-  step = int(state.step)
+  step = int(parallel.to_host(state.step))
   kill_at_step = int(os.environ.get('GEAR_JAX_KILL_AT_STEP', '-1'))
   for epoch in range(start_epoch, num_epochs):
     if es.should_stop:
@@ -206,13 +199,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step == kill_at_step:  # fault injection for the resume tests
         os.kill(os.getpid(), signal.SIGKILL)
       if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
-        mean = float(loss_sum) / (i + 1)
+        mean = float(parallel.to_host(loss_sum)) / (i + 1)
         _check_finite(mean, step, epoch, store)
         if is_main and (i + 1) % log_every == 0:
           log.scalars(step, {'train/loss_running': mean})
         progress.update(i + 1, f'loss {mean:.4f}')
     progress.close()
-    train_loss = float(loss_sum) / steps_per_epoch
+    train_loss = float(parallel.to_host(loss_sum)) / steps_per_epoch
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     val = evaluator.evaluate(state.params, 'val')

@@ -139,11 +139,15 @@ class GearData:
     first[1:] = keys[1:] != keys[:-1]
     return keys[first]  # np.unique's hash path is ~10x slower here
 
-  def train_items(self) -> np.ndarray:
-    """Items of every training interaction (flat, user order)."""
+  def train_positions(self) -> np.ndarray:
+    """Flat positions of every training interaction (user order, time order)."""
     in_train = np.arange(self.num_interactions) < np.repeat(
         self.offsets[:-1] + self.train_len, self.seq_len)
-    return self.items[in_train]
+    return np.flatnonzero(in_train)
+
+  def train_items(self) -> np.ndarray:
+    """Items of every training interaction (flat, user order)."""
+    return self.items[self.train_positions()]
 
   # -- cache (de)serialisation -------------------------------------------------------
   _ARRAYS = ('offsets', 'items', 'behavior', 'gaps', 'train_len', 'val_user', 'val_pos',

@@ -1,0 +1,180 @@
+"""Training and evaluation throughput of gear_jax at a chosen catalog size.
+
+  python scripts/benchmark.py [--items 99037] [--batch 128] [--max_len 50]
+      [--precision float32|default|bfloat16] [--loss chunked|dense] [--json]
+
+Runs on whatever JAX backend is present (CPU or GPU). Measures, in one process:
+  compile_s               lowering + compiling the train step
+  step_s                  median seconds per training step (forward + backward + Adam) on
+                          synthetic batches (random items, behaviors, gaps, with padding)
+  train_seq_per_s         batch / step_s
+  eval_users_per_s        end to end: grain evaluation pipeline + model, 1 + 99 candidates
+  eval_full_users_per_s   end to end, ranking the whole catalogue
+  peak_rss_mb             peak host memory of the process
+  peak_device_mb          peak device memory (GPU only)
+Evaluation uses a synthetic data set of --eval_users users over the same catalog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_device_mb() -> float | None:
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    return None
+  stats = dev.memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return None if peak is None else peak / 2**20
+
+
+def synthetic_batch(rng: np.random.Generator, batch: int, max_len: int, items: int,
+                    behaviors: int = 4) -> dict[str, np.ndarray]:
+  """Random training windows: lengths from 3 to L (left padding), real gaps."""
+  lengths = rng.integers(3, max_len + 1, batch)
+  real = np.arange(max_len)[None] >= (max_len - lengths)[:, None]
+  return {'items': np.where(real, rng.integers(1, items + 1, (batch, max_len)), 0)
+                   .astype(np.int32),
+          'behaviors': np.where(real, rng.integers(1, behaviors + 1, (batch, max_len)), 0)
+                       .astype(np.int32),
+          'gaps': np.where(real, rng.integers(0, 100_000, (batch, max_len)), 0)
+                  .astype(np.int32),
+          'mask': np.ones(batch, bool)}
+
+
+def train_benchmark(args) -> dict:
+  from gear_jax import model as model_lib, parallel, steps
+  mesh = parallel.make_mesh()
+  model_config = ml_collections.ConfigDict(dict(
+      d_model=args.d_model, n_head=args.n_head, n_layer=args.n_layer, dropout=0.2,
+      mask_padding=False))
+  model = model_lib.build(args.items, 4, model_config, args.precision)
+  tx = steps.make_optimizer(1e-3, 1e-6)
+  state = steps.create_state(model, tx, mesh, seed=0, max_len=args.max_len)
+  loss_impl = 'dense' if args.loss == 'dense' else 'auto'
+  step_fn = jax.jit(functools.partial(
+      steps.train_step, model=model, tx=tx, alpha=0.1, loss_impl=loss_impl,
+      loss_memory_mb=args.loss_memory_mb), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batches = [parallel.put_batch(synthetic_batch(rng, args.batch, args.max_len, args.items),
+                                mesh) for _ in range(4)]
+  t = time.perf_counter()
+  compiled = step_fn.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t
+  state, aux = compiled(state, batches[0])  # warm-up
+  jax.block_until_ready(aux['loss'])
+  times = []
+  for i in range(args.steps):
+    t = time.perf_counter()
+    state, aux = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready(aux['loss'])
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  return dict(compile_s=round(compile_s, 2), step_s=round(step_s, 4),
+              step_s_min=round(min(times), 4),
+              train_seq_per_s=round(args.batch / step_s, 1),
+              loss=float(aux['loss']), params=model_lib.count_params(state.params),
+              state=state, model=model, mesh=mesh)
+
+
+def eval_benchmark(args, model, params, mesh) -> dict:
+  from gear_jax import defaults
+  from gear_jax.data import preprocess, readers, synthetic
+  from gear_jax.evaluate import Evaluator
+  tmp = tempfile.mkdtemp(prefix='gear_bench_eval_')
+  path = os.path.join(tmp, 'eval.txt')
+  synthetic.write_tsv(path, synthetic.generate(args.eval_users, args.items, seed=1))
+  data, _ = preprocess.load(path, readers.TSV, preprocess.Settings(), cache_dir='')
+  config = defaults.get_default_config()
+  config.data.max_len = args.max_len
+  config.data.cache = False
+  config.eval.batch_size = args.eval_batch
+  out = {'eval_cases': int(len(data.val_user))}
+  for protocol, key in (('sampled', 'eval_users_per_s'), ('full', 'eval_full_users_per_s')):
+    if protocol == 'full' and args.skip_full:
+      continue
+    config.eval.protocol = protocol
+    evaluator = Evaluator(data, config, model, mesh, verbose=False)
+    # compile + warm-up; negatives are drawn here once and kept, as in training
+    evaluator.evaluate(params, 'val')
+    t = time.perf_counter()
+    evaluator.evaluate(params, 'val')
+    out[key] = round(len(data.val_user) / (time.perf_counter() - t), 1)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--items', type=int, default=99_037)
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--max_len', type=int, default=50)
+  parser.add_argument('--d_model', type=int, default=32)
+  parser.add_argument('--n_head', type=int, default=2)
+  parser.add_argument('--n_layer', type=int, default=4)
+  parser.add_argument('--precision', default='float32',
+                      choices=['float32', 'default', 'bfloat16'])
+  parser.add_argument('--loss', default='chunked', choices=['chunked', 'dense'])
+  parser.add_argument('--loss_memory_mb', type=float, default=256.0)
+  parser.add_argument('--steps', type=int, default=5, help='timed training steps')
+  parser.add_argument('--eval_users', type=int, default=20_000)
+  parser.add_argument('--eval_batch', type=int, default=1024)
+  parser.add_argument('--skip_eval', action='store_true')
+  parser.add_argument('--skip_full', action='store_true')
+  parser.add_argument('--json', action='store_true')
+  args = parser.parse_args()
+
+  result = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+                devices=jax.device_count(), items=args.items, batch=args.batch,
+                max_len=args.max_len, d_model=args.d_model, n_layer=args.n_layer,
+                precision=args.precision, loss=args.loss)
+  train = train_benchmark(args)
+  state, model, mesh = train.pop('state'), train.pop('model'), train.pop('mesh')
+  result.update(train)
+  if not args.skip_eval:
+    result.update(eval_benchmark(args, model, state.params, mesh))
+  result['peak_rss_mb'] = round(peak_rss_mb(), 1)
+  device_mb = peak_device_mb()
+  if device_mb is not None:
+    result['peak_device_mb'] = round(device_mb, 1)
+  if args.json:
+    print(json.dumps(result))
+    return
+  print(f'GEAR benchmark on {result["device"]} x{result["devices"]} ({result["backend"]}): '
+        f'{args.items:,} items, batch {args.batch} x {args.max_len}, d {args.d_model}, '
+        f'{args.n_layer} upper layers, {args.precision}, {args.loss} loss')
+  rows = [('parameters', f'{result["params"]:,}'),
+          ('compile (s)', f'{result["compile_s"]:.1f}'),
+          ('train step (s, median)', f'{result["step_s"]:.4f}'),
+          ('train sequences/s', f'{result["train_seq_per_s"]:,.0f}')]
+  for key, name in (('eval_users_per_s', 'eval users/s (1 + 99 candidates)'),
+                    ('eval_full_users_per_s', f'eval users/s (full, {args.items:,} items)')):
+    if key in result:
+      rows.append((name, f'{result[key]:,.0f}'))
+  rows.append(('peak host RSS (MB)', f'{result["peak_rss_mb"]:,.0f}'))
+  if 'peak_device_mb' in result:
+    rows.append(('peak device memory (MB)', f'{result["peak_device_mb"]:,.0f}'))
+  for name, value in rows:
+    print(f'  {name:<40}{value:>14}')
+  sys.stdout.flush()
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,90 @@
+"""Run by test_parallel.py in a subprocess with 8 forced CPU devices.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_worker.py
+      steps|checkpoint WORKDIR
+
+Prints one JSON object on its last line.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from gear_jax import model as model_lib
+from gear_jax import parallel, steps
+
+MESHES = {'1': (1, 1, False), '8x1': (8, 1, False), '4x2': (4, 2, True),
+}
+
+
+def train_steps(num_items: int) -> dict:
+  """A few training steps of a small GEAR on several meshes; differences to 1 device."""
+  model = model_lib.GEAR(num_items=num_items, num_behaviors=4, d_model=16, n_head=2,
+                         n_layer=2, dropout=0.1, precision=jax.lax.Precision.HIGHEST)
+  tx = steps.make_optimizer(1e-2, 1e-4)
+  rng = np.random.default_rng(0)
+  batches = []
+  for _ in range(4):
+    lengths = rng.integers(2, 10, 16)
+    real = np.arange(9)[None] >= (9 - lengths)[:, None]
+    batches.append({
+        'items': np.where(real, rng.integers(1, num_items + 1, (16, 9)), 0).astype(np.int32),
+        'behaviors': np.where(real, rng.integers(1, 5, (16, 9)), 0).astype(np.int32),
+        'gaps': np.where(real, rng.integers(0, 5000, (16, 9)), 0).astype(np.int32),
+        'mask': np.ones(16, bool)})
+  results = {}
+  for name, (data, model_axis, shard_items) in MESHES.items():
+    mesh = parallel.make_mesh(data, model_axis)
+    state = steps.create_state(model, tx, mesh, seed=3, max_len=9, shard_items=shard_items)
+    step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx, alpha=0.1,
+                                                 loss_impl='auto', loss_memory_mb=0.05),
+                   donate_argnums=0)
+    losses = []
+    for b in batches:
+      state, aux = step(state, parallel.put_batch(b, mesh))
+      losses.append(float(aux['loss']))
+    table = state.params['item_emb']['embedding']
+    results[name] = dict(losses=losses, params=jax.tree_util.tree_map(np.asarray,
+                                                                     state.params),
+                         table_sharding=str(table.sharding.spec),
+                         devices=len(mesh.devices.flat))
+  base = results['1']
+  out = {}
+  for name, r in results.items():
+    diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), r['params'],
+                                   base['params'])
+    out[name] = dict(loss_diff=float(np.abs(np.subtract(r['losses'], base['losses'])).max()),
+                     param_diff=max(jax.tree_util.tree_leaves(diffs)),
+                     losses=r['losses'], table_sharding=r['table_sharding'],
+                     devices=r['devices'])
+  return out
+
+
+def checkpoint(workdir: str, data_path: str, cache: str) -> dict:
+  """Trains on an 8x1 mesh, then evaluates the best checkpoint on other meshes."""
+  import importlib.util
+  from gear_jax import evaluate, train
+  spec = importlib.util.spec_from_file_location('cfg', 'configs/test.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.path, config.data.cache_dir = data_path, cache
+  config.train.num_epochs = 2
+  config.mesh.data, config.mesh.model = 8, 1
+  summary = train.train_and_evaluate(config, workdir)
+  out = {'summary': summary['best_val']}
+  for name, (data, model_axis, shard_items) in MESHES.items():
+    config.mesh.data, config.mesh.model, config.mesh.shard_items = data, model_axis, shard_items
+    out[name] = evaluate.run(config, workdir, checkpoint='best')['metrics']
+  return out
+
+
+if __name__ == '__main__':
+  what = sys.argv[1]
+  if what == 'steps':
+    result = {'even': train_steps(37)}
+  else:
+    result = checkpoint(*sys.argv[2:5])
+  print(json.dumps(result))
