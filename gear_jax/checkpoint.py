@@ -23,6 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from gear_jax import parallel
+
 ITEMS = ('params', 'train', 'data_iter', 'meta')
 
 
@@ -34,7 +36,11 @@ def _rank(metrics: dict) -> tuple[float, int]:
 class CheckpointStore:
   """The checkpoints under ``<workdir>/checkpoints``."""
 
-  def __init__(self, workdir: str, *, read_only: bool = False):
+  def __init__(self, workdir: str, *, read_only: bool = False,
+               num_items: int | None = None, mesh=None):
+    """`num_items` and `mesh` (when given) convert a padded, row-sharded item table of
+    the training state to and from the unpadded checkpoint form (`parallel`)."""
+    self.num_items, self.mesh = num_items, mesh
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(1),
@@ -82,6 +88,9 @@ class CheckpointStore:
   def save(self, step: int, *, params, train: Any | None, iterator: Any | None,
            meta: dict, monitor: float | None) -> None:
     """Saves (asynchronously) one checkpoint; `monitor` ranks it for 'best'."""
+    if self.num_items is not None:
+      params = parallel.to_canonical(params, self.num_items, self.mesh)
+      train = parallel.to_canonical(train, self.num_items, self.mesh)
     args = dict(params=ocp.args.StandardSave(params),
                 meta=ocp.args.JsonSave(meta))
     if train is not None:
@@ -97,14 +106,24 @@ class CheckpointStore:
 
     Targets are pytrees of `jax.ShapeDtypeStruct` with shardings (see `abstract`), so
     a checkpoint written on one mesh restores onto another."""
-    args = dict(params=ocp.args.StandardRestore(params_target),
+    targets = {'params': params_target, 'train': train_target}
+    stored = dict(targets)
+    if self.num_items is not None:
+      stored = {k: parallel.canonical_target(t, self.num_items, self.mesh)
+                for k, t in targets.items()}
+    args = dict(params=ocp.args.StandardRestore(stored['params']),
                 meta=ocp.args.JsonRestore())
     if train_target is not None:
-      args['train'] = ocp.args.StandardRestore(train_target)
+      args['train'] = ocp.args.StandardRestore(stored['train'])
     if iterator is not None:
       args['data_iter'] = grain.checkpoint.CheckpointRestore(iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    return {k: restored[k] for k in args}
+    out = {k: restored[k] for k in args}
+    if self.num_items is not None:
+      for k in ('params', 'train'):
+        if k in out:
+          out[k] = parallel.from_canonical(out[k], targets[k])
+    return out
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(

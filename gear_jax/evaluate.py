@@ -154,14 +154,16 @@ def run(config, workdir: str, *, checkpoint: str = 'best', split: str = 'val',
   parallel.initialize_distributed(config.distributed.coordinator,
                                   int(config.distributed.num_processes),
                                   int(config.distributed.process_id))
-  store = ckpt_lib.CheckpointStore(workdir, read_only=True)
-  step = store.resolve(checkpoint)
   data, _ = load_dataset(config.data)
   mesh = parallel.make_mesh(int(config.mesh.data), int(config.mesh.model))
+  store = ckpt_lib.CheckpointStore(workdir, read_only=True, num_items=data.num_items,
+                                   mesh=mesh)
+  step = store.resolve(checkpoint)
+  shard_items = bool(config.mesh.shard_items)
   model = model_lib.build(data.num_items, data.num_behaviors, config.model,
-                          config.model.precision)
-  target = steps.param_target(model, mesh, int(config.data.max_len),
-                              bool(config.mesh.shard_items))
+                          config.model.precision,
+                          parallel.table_rows(data.num_items, mesh, shard_items))
+  target = steps.param_target(model, mesh, int(config.data.max_len), shard_items)
   meta = store.read_meta(step)
   if meta.get('num_items') not in (None, data.num_items):
     raise ValueError(f'checkpoint {step} was made for {meta["num_items"]:,} items but '

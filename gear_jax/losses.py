@@ -172,7 +172,12 @@ def _token_scan(h, emb, y, w, token_chunk: int, precision, cd, with_grads: bool)
   if pad:  # padded rows: h = 0, weight 0 -> finite lse (log V) that counts for 0
     hp = jnp.pad(hc, ((0, pad), (0, 0)))
     wp = jnp.pad(w, (0, pad))
-  xs = (hp.reshape(num, chunk, d), wp.reshape(num, chunk))
+  # Chunk j holds positions j, j + num, j + 2 num, ...: a [chunk, num] view scanned over
+  # its second axis. Positions split over devices in contiguous blocks (the batch on
+  # 'data') then split each chunk's rows the same way, so every device scans its own
+  # rows; contiguous chunks would each live on one device and force a gather.
+  xs = (hp.reshape(chunk, num, d).swapaxes(0, 1), wp.reshape(chunk, num).swapaxes(0, 1))
+  unchunk = lambda a: a.swapaxes(0, 1).reshape((num * chunk,) + a.shape[2:])[:n]  # noqa: E731
 
   def chunk_exp(h_c):
     logits = _logits(h_c, ec, precision)  # [T, V] f32
@@ -183,7 +188,7 @@ def _token_scan(h, emb, y, w, token_chunk: int, precision, cd, with_grads: bool)
 
   if not with_grads:
     _, lse = lax.scan(lambda carry, x: (carry, chunk_exp(x[0])[2]), None, xs)
-    return lse.reshape(-1)[:n] - label_logit, None, None
+    return unchunk(lse) - label_logit, None, None
 
   def body(de_t, x):
     h_c, w_c = x
@@ -200,8 +205,7 @@ def _token_scan(h, emb, y, w, token_chunk: int, precision, cd, with_grads: bool)
 
   de_t, (lse, dh) = lax.scan(body, jnp.zeros((d, v), f32), xs)
   dh_label, de_label = _label_grads(hc, ec, y, w)
-  return (lse.reshape(-1)[:n] - label_logit, dh.reshape(-1, d)[:n] + dh_label,
-          de_t.T + de_label)
+  return unchunk(lse) - label_logit, unchunk(dh) + dh_label, de_t.T + de_label
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -421,11 +425,15 @@ def linear_cross_entropy(
   memory_budget_mb: float = 256.0,
   precision: PrecisionLike = None,
   compute_dtype: DTypeLike | None = None,
+  vocab_shards: int = 1,
 ) -> jnp.ndarray:
   """Sum of weighted softmax CE of hidden @ embedding.T; label 0 ignored.
 
   impl: 'dense' (reference), 'token' or 'vocab' (chunk sizes from `plan_chunks` with the
   given budget, forced to that kind), or 'auto' (whatever `plan_chunks` picks).
+  vocab_shards: the number of devices the table's rows are split over. Each then holds
+  only [chunk, V / vocab_shards] logits, which is what the budget is planned for, and
+  'auto' keeps to token chunks: a scan over vocabulary chunks would gather the table.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -433,8 +441,10 @@ def linear_cross_entropy(
   if impl == "dense":
     return dense_linear_cross_entropy(hidden, embedding, labels, weights, **kw)
   n, v = math.prod(labels.shape), embedding.shape[0]
-  plan = plan_chunks(n, v, memory_budget_mb)
+  plan = plan_chunks(n, -(-v // vocab_shards), memory_budget_mb)
   kind = plan["impl"] if impl == "auto" else impl
+  if impl == "auto" and vocab_shards > 1:
+    kind = "token"
   if kind == "token":
     chunk = plan["token_chunk"]
     if chunk is None:  # forced 'token' where the plan wanted vocab chunks: smallest chunk

@@ -65,6 +65,14 @@ def torch_linear_bias_init(fan_in: int):
   return init
 
 
+def _padded_init(init, rows: int):
+  """`init` over the first `rows` rows (its fan-in/out computed for those), zeros below."""
+  def padded(key, shape, dtype=jnp.float32):
+    table = init(key, (rows,) + tuple(shape[1:]), dtype)
+    return jnp.pad(table, ((0, shape[0] - rows), (0, 0)))
+  return padded
+
+
 def behavior_embedding_init(key, shape, dtype=jnp.float32):
   """N(0, 1) with the padding row 0 zeroed (PyTorch's padding_idx init)."""
   return jax.random.normal(key, shape, dtype).at[0].set(0.0)
@@ -301,6 +309,12 @@ class SelfAttention(nn.Module):
     kernel, bias_in = DenseParams(d, 3 * d, nn.initializers.xavier_uniform(),
                                   nn.initializers.zeros, name='in_proj')()  # [d, 3d], [3d]
     kernel, bias_in = kernel.astype(self.dtype), bias_in.astype(self.dtype)
+    # The key bias adds q . b_k to every score of a query row, which the softmax
+    # cancels exactly; leaving it out changes nothing but float rounding and makes its
+    # gradient exactly 0 instead of rounding noise (which Adam would amplify to lr-sized
+    # steps, differently on every device layout).
+    bias_in = jnp.concatenate([bias_in[:d], jnp.zeros_like(bias_in[d:2 * d]),
+                               bias_in[2 * d:]])
     h = self.n_head
     qkv = jnp.dot(x.reshape(b * t, d), kernel, precision=self.precision) + bias_in
     # [B*T, 3d] -> heads into the batch, [3, B*H, T, dh] (one small copy)
@@ -433,13 +447,18 @@ class GEAR(nn.Module):
   mask_padding: bool = False  # reference: False (padded positions are attended to)
   dtype: Any = jnp.float32
   precision: Any = None
+  # Rows of the item table: 0 = num_items + 1. More only to shard the table evenly
+  # over a mesh axis; the extra rows are zero, never looked up and cut off before
+  # every softmax and ranking (`item_embedding(params, num_items)`).
+  table_rows: int = 0
 
   def setup(self):
     if self.d_model % self.n_head:
       raise ValueError(f'd_model {self.d_model} is not divisible by n_head {self.n_head}')
     d = self.d_model
-    self.item_emb = PaddedEmbed(self.num_items + 1, d, nn.initializers.xavier_uniform(),
-                                self.dtype)
+    self.item_emb = PaddedEmbed(self.table_rows or self.num_items + 1, d,
+                                _padded_init(nn.initializers.xavier_uniform(),
+                                             self.num_items + 1), self.dtype)
     self.behavior_emb = PaddedEmbed(self.num_behaviors + 1, d, behavior_embedding_init,
                                     self.dtype)
     self.LayerNorm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
@@ -481,10 +500,10 @@ class GEAR(nn.Module):
     return x[:, 0::2], x[:, 1::2]  # [B, L, d] behavior slots, [B, L-1, d] item slots
 
 
-def build(num_items: int, num_behaviors: int, model_config, precision: str = 'float32'
-          ) -> GEAR:
+def build(num_items: int, num_behaviors: int, model_config, precision: str = 'float32',
+          table_rows: int = 0) -> GEAR:
   """The module from ``config.model`` (d_model, n_head, n_layer, dropout, mask_padding)."""
-  return GEAR(num_items=num_items, num_behaviors=num_behaviors,
+  return GEAR(num_items=num_items, num_behaviors=num_behaviors, table_rows=table_rows,
               d_model=model_config.d_model, n_head=model_config.n_head,
               n_layer=model_config.n_layer, dropout=model_config.dropout,
               mask_padding=bool(model_config.get('mask_padding', False)),
@@ -497,17 +516,23 @@ def init_params(model: GEAR, key: Array, max_len: int) -> dict:
   return model.init({'params': key}, z, z, z, deterministic=True)['params']
 
 
-def item_embedding(params) -> Array:
-  return params['item_emb']['embedding']  # [V+1, d]
+def item_embedding(params, num_items: int | None = None) -> Array:
+  """The item table [V+1, d]. A table padded to shard evenly (see `GEAR.table_rows`)
+  is cut back to its num_items + 1 real rows when `num_items` is given."""
+  table = params['item_emb']['embedding']
+  if num_items is not None and table.shape[0] != num_items + 1:
+    table = table[:num_items + 1]
+  return table
 
 
 def behavior_embedding(params) -> Array:
   return params['behavior_emb']['embedding']  # [n_b+1, d]
 
 
-def item_logits(params, h_behavior: Array, precision=None) -> Array:
+def item_logits(params, h_behavior: Array, precision=None,
+                num_items: int | None = None) -> Array:
   """Dense item head: [B, L, d] -> [B, L, V+1] (tests and small catalogs only)."""
-  return jnp.einsum('bld,vd->blv', h_behavior, item_embedding(params).astype(
+  return jnp.einsum('bld,vd->blv', h_behavior, item_embedding(params, num_items).astype(
       h_behavior.dtype), precision=precision, preferred_element_type=jnp.float32)
 
 
@@ -524,32 +549,33 @@ def score_candidates(params, h_last: Array, candidates: Array, precision=None) -
                     preferred_element_type=jnp.float32)
 
 
-def _catalogue_chunks(params, chunk: int, dtype):
+def _catalogue_chunks(params, chunk: int, dtype, num_items: int | None):
   """The item table padded to a multiple of `chunk` rows: [n_chunks, chunk, d]."""
-  e = item_embedding(params).astype(dtype)
+  e = item_embedding(params, num_items).astype(dtype)
   v1 = e.shape[0]
   n = -(-v1 // chunk)
   e = jnp.pad(e, ((0, n * chunk - v1), (0, 0)))
   return e.reshape(n, chunk, -1), v1
 
 
-def score_catalogue(params, h_last: Array, chunk: int = 16384, precision=None) -> Array:
+def score_catalogue(params, h_last: Array, chunk: int = 16384, precision=None,
+                    num_items: int | None = None) -> Array:
   """Scores of every item id 0..V: [B, d] -> [B, V+1] f32, computed in item chunks
   (the working set is [B, chunk]; the result itself is [B, V+1])."""
-  e, v1 = _catalogue_chunks(params, chunk, h_last.dtype)
+  e, v1 = _catalogue_chunks(params, chunk, h_last.dtype, num_items)
   out = jax.lax.map(lambda ec: jnp.einsum('bd,cd->bc', h_last, ec, precision=precision,
                                           preferred_element_type=jnp.float32), e)
   return jnp.moveaxis(out, 0, 1).reshape(h_last.shape[0], -1)[:, :v1]
 
 
 def rank_in_catalogue(params, h_last: Array, target: Array, chunk: int = 16384,
-                      precision=None) -> Array:
+                      precision=None, num_items: int | None = None) -> Array:
   """0-based rank of `target` among items 1..V (ties count against it): [B] int32.
 
   Never materialises [B, V]: each item chunk adds its count of better-or-equal
   scores. The padding id 0 and the target itself are excluded; the user's history
   is NOT excluded (buys are often of viewed or carted items)."""
-  e, v1 = _catalogue_chunks(params, chunk, h_last.dtype)
+  e, v1 = _catalogue_chunks(params, chunk, h_last.dtype, num_items)
   target_score = score_candidates(params, h_last, target[:, None], precision)[:, 0]
 
   def count(carry, inputs):
@@ -566,5 +592,10 @@ def rank_in_catalogue(params, h_last: Array, target: Array, chunk: int = 16384,
   return ranks
 
 
-def count_params(params) -> int:
-  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+def count_params(params, num_items: int | None = None) -> int:
+  """Number of parameters; with `num_items`, padding rows of the item table excluded."""
+  total = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+  if num_items is not None:
+    table = params['item_emb']['embedding']
+    total -= (table.shape[0] - num_items - 1) * table.shape[1]
+  return total

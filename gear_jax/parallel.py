@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -75,6 +76,61 @@ def param_shardings(params, mesh: Mesh, shard_items: bool):
       return NamedSharding(mesh, P(MODEL, None))
     return NamedSharding(mesh, P())
   return jax.tree_util.tree_map_with_path(spec, params)
+
+
+# -- the item table sharded over 'model' ---------------------------------------------
+# A row-sharded array needs a row count divisible by the 'model' axis, and the table
+# has num_items + 1 rows. The training state then holds a table padded with zero rows
+# (`table_rows`, `GEAR.table_rows`), cut back before every softmax and ranking;
+# checkpoints always hold the real [num_items + 1, d] table (and Adam moments), so a
+# checkpoint restores on any mesh. Conversions touch only leaves whose path ends in
+# item_emb/embedding (the parameter and its optimizer-state mirrors).
+
+def table_rows(num_items: int, mesh: Mesh, shard_items: bool) -> int:
+  """Rows of the item table in the training state (0: the real num_items + 1)."""
+  rows, model = num_items + 1, mesh.shape[MODEL]
+  padded = -(-rows // model) * model
+  return padded if shard_items and padded != rows else 0
+
+
+def _is_table(path) -> bool:
+  keys = [getattr(p, 'key', None) for p in path]
+  return keys[-2:] == ['item_emb', 'embedding']
+
+
+def _canonical_sharding(mesh: Mesh, d: int) -> NamedSharding:
+  # by columns where they divide (memory stays spread), else replicated
+  return NamedSharding(mesh, P(None, MODEL) if d % mesh.shape[MODEL] == 0 else P())
+
+
+def canonical_target(target, num_items: int, mesh: Mesh):
+  """Restore targets of the checkpoint form of `target` (abstract state leaves)."""
+  def leaf(path, x):
+    if _is_table(path) and x.shape[0] != num_items + 1:
+      return jax.ShapeDtypeStruct((num_items + 1,) + x.shape[1:], x.dtype,
+                                  sharding=_canonical_sharding(mesh, x.shape[1]))
+    return x
+  return jax.tree_util.tree_map_with_path(leaf, target)
+
+
+def to_canonical(tree, num_items: int, mesh: Mesh):
+  """The checkpoint form of state leaves: padded item tables cut to num_items + 1."""
+  def leaf(path, x):
+    if _is_table(path) and x.shape[0] != num_items + 1:
+      return jax.jit(lambda t: t[:num_items + 1],
+                     out_shardings=_canonical_sharding(mesh, x.shape[1]))(x)
+    return x
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def from_canonical(tree, target):
+  """Restored checkpoint leaves -> the training state's shapes and shardings."""
+  def leaf(path, x, t):
+    if _is_table(path) and x.shape != t.shape:
+      pad = ((0, t.shape[0] - x.shape[0]),) + ((0, 0),) * (x.ndim - 1)
+      return jax.jit(lambda a: jnp.pad(a, pad), out_shardings=t.sharding)(x)
+    return x
+  return jax.tree_util.tree_map_with_path(leaf, tree, target)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

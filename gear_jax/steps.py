@@ -86,7 +86,8 @@ def create_state(model: model_lib.GEAR, tx: optax.GradientTransformation, mesh, 
 
 def gear_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,
               model: model_lib.GEAR, alpha: float, loss_impl: str = 'auto',
-              loss_memory_mb: float = 256.0) -> tuple[Array, dict[str, Array]]:
+              loss_memory_mb: float = 256.0, vocab_shards: int = 1
+              ) -> tuple[Array, dict[str, Array]]:
   """The training loss: item CE over the L behavior slots (labels i_1..i_L, padding
   ignored, mean over the batch's real positions) + alpha * behavior CE over the L - 1
   item slots (labels b_2..b_L). Without `dropout_key` the model runs deterministically.
@@ -99,10 +100,12 @@ def gear_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,
   d = h_beh.shape[-1]
   weights = (items != 0).astype(jnp.float32).reshape(-1)  # [B*L]
   item_sum = losses.linear_cross_entropy(
-      h_beh.reshape(-1, d), model_lib.item_embedding(params), items.reshape(-1),
+      h_beh.reshape(-1, d), model_lib.item_embedding(params, model.num_items),
+      items.reshape(-1),
       weights, impl=loss_impl, memory_budget_mb=loss_memory_mb,
       precision=model.precision,
-      compute_dtype=None if model.dtype == jnp.float32 else model.dtype)
+      compute_dtype=None if model.dtype == jnp.float32 else model.dtype,
+      vocab_shards=vocab_shards)
   item_count = weights.sum()
   beh_sum, beh_count = losses.masked_mean_cross_entropy(
       model_lib.behavior_logits(params, h_item, model.precision), behaviors[:, 1:])
@@ -115,13 +118,15 @@ def gear_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,
 
 def train_step(state: TrainState, batch: dict[str, Array], *, model: model_lib.GEAR,
                tx: optax.GradientTransformation, alpha: float, loss_impl: str,
-               loss_memory_mb: float) -> tuple[TrainState, dict[str, Array]]:
+               loss_memory_mb: float, vocab_shards: int = 1
+               ) -> tuple[TrainState, dict[str, Array]]:
   """One micro-step: forward, backward, optimizer update (or accumulation)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=DROPOUT_PRNG),
                            state.step)
   grad_fn = jax.value_and_grad(gear_loss, has_aux=True)
   (_, aux), grads = grad_fn(state.params, batch, key, model=model, alpha=alpha,
-                            loss_impl=loss_impl, loss_memory_mb=loss_memory_mb)
+                            loss_impl=loss_impl, loss_memory_mb=loss_memory_mb,
+                            vocab_shards=vocab_shards)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   aux['grad_norm'] = optax.tree.norm(grads)
@@ -143,6 +148,6 @@ def eval_step(params, batch: dict[str, Array], *, model: model_lib.GEAR,
       rank = metrics.rank_of_first(scores)
     else:
       rank = model_lib.rank_in_catalogue(params, h_last, batch['target'], full_chunk,
-                                         model.precision)
+                                         model.precision, model.num_items)
     out[protocol] = metrics.rank_sums(rank, batch['mask'], ks)
   return out

@@ -124,19 +124,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- model and update ----------------------------------------------------------------
   precision = config.model.precision
-  model = model_lib.build(data.num_items, data.num_behaviors, config.model, precision)
+  shard_items = bool(config.mesh.shard_items)
+  model = model_lib.build(data.num_items, data.num_behaviors, config.model, precision,
+                          parallel.table_rows(data.num_items, mesh, shard_items))
   tx = steps.make_optimizer(float(config.train.lr), float(config.train.weight_decay),
                             int(config.train.grad_accum))
   state = steps.create_state(model, tx, mesh, seed=seed, max_len=max_len,
-                             shard_items=bool(config.mesh.shard_items))
-  n_params = model_lib.count_params(state.params)
+                             shard_items=shard_items)
+  n_params = model_lib.count_params(state.params, data.num_items)
   _log(f'model: GEAR d_model={model.d_model} n_head={model.n_head} '
        f'n_layer={model.n_layer}, {n_params:,} parameters ({n_params / 1e6:.1f} M), '
        f'precision {precision}, mesh {dict(mesh.shape)} on {jax.device_count()} '
        f'{jax.devices()[0].platform} device(s)')
   train_step = jax.jit(functools.partial(
       steps.train_step, model=model, tx=tx, alpha=float(config.train.alpha),
-      loss_impl=config.train.loss, loss_memory_mb=float(config.train.loss_memory_mb)),
+      loss_impl=config.train.loss, loss_memory_mb=float(config.train.loss_memory_mb),
+      vocab_shards=mesh.shape[parallel.MODEL] if shard_items else 1),
       donate_argnums=0)
   # Compiled ahead of time for the one batch shape there is (the last batch of an
   # epoch is padded), so the loop can never trigger a recompile.
@@ -147,7 +150,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   evaluator = Evaluator(data, config, model, mesh)
 
   # ---- checkpoints ----------------------------------------------------------------
-  store = ckpt_lib.CheckpointStore(workdir)
+  store = ckpt_lib.CheckpointStore(workdir, num_items=data.num_items, mesh=mesh)
   iterator = iter(pipeline_lib.train_pipeline(train_batches,
                                               num_threads=int(config.data.threads)))
   es = EarlyStopping(int(config.train.patience))

@@ -16,14 +16,12 @@ from gear_jax import model as model_lib
 from gear_jax import parallel, steps
 
 MESHES = {'1': (1, 1, False), '8x1': (8, 1, False), '4x2': (4, 2, True),
-}
+          '2x4': (2, 4, True)}
 
 
 def train_steps(num_items: int) -> dict:
   """A few training steps of a small GEAR on several meshes; differences to 1 device."""
-  model = model_lib.GEAR(num_items=num_items, num_behaviors=4, d_model=16, n_head=2,
-                         n_layer=2, dropout=0.1, precision=jax.lax.Precision.HIGHEST)
-  tx = steps.make_optimizer(1e-2, 1e-4)
+  tx = steps.make_optimizer(1e-3, 1e-6)  # the published recipe
   rng = np.random.default_rng(0)
   batches = []
   for _ in range(4):
@@ -37,17 +35,23 @@ def train_steps(num_items: int) -> dict:
   results = {}
   for name, (data, model_axis, shard_items) in MESHES.items():
     mesh = parallel.make_mesh(data, model_axis)
+    model = model_lib.GEAR(num_items=num_items, num_behaviors=4, d_model=16, n_head=2,
+                           n_layer=2, dropout=0.1, precision=jax.lax.Precision.HIGHEST,
+                           table_rows=parallel.table_rows(num_items, mesh, shard_items))
     state = steps.create_state(model, tx, mesh, seed=3, max_len=9, shard_items=shard_items)
+    shards = model_axis if shard_items else 1
     step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx, alpha=0.1,
-                                                 loss_impl='auto', loss_memory_mb=0.05),
+                                                 loss_impl='auto', loss_memory_mb=0.05,
+                                                 vocab_shards=shards),
                    donate_argnums=0)
     losses = []
     for b in batches:
       state, aux = step(state, parallel.put_batch(b, mesh))
       losses.append(float(aux['loss']))
     table = state.params['item_emb']['embedding']
-    results[name] = dict(losses=losses, params=jax.tree_util.tree_map(np.asarray,
-                                                                     state.params),
+    params = parallel.to_canonical(state.params, num_items, mesh)  # padding cut off
+    results[name] = dict(losses=losses, params=jax.tree_util.tree_map(np.asarray, params),
+                         rows=int(table.shape[0]),
                          table_sharding=str(table.sharding.spec),
                          devices=len(mesh.devices.flat))
   base = results['1']
@@ -58,7 +62,29 @@ def train_steps(num_items: int) -> dict:
     out[name] = dict(loss_diff=float(np.abs(np.subtract(r['losses'], base['losses'])).max()),
                      param_diff=max(jax.tree_util.tree_leaves(diffs)),
                      losses=r['losses'], table_sharding=r['table_sharding'],
+                     rows=r['rows'],
                      devices=r['devices'])
+  return out
+
+
+def collectives(num_items: int = 4002) -> dict:
+  """The all-gathers in the compiled step with the item table on 'model' (2 x 4)."""
+  import re
+  mesh = parallel.make_mesh(2, 4)
+  model = model_lib.GEAR(num_items=num_items, num_behaviors=4, d_model=16, n_head=2,
+                         n_layer=1, dropout=0.1,
+                         table_rows=parallel.table_rows(num_items, mesh, True))
+  tx = steps.make_optimizer(1e-3, 1e-6)
+  state = steps.create_state(model, tx, mesh, seed=0, max_len=9, shard_items=True)
+  batch = {k: np.ones((16, 9), np.int32) for k in ('items', 'behaviors', 'gaps')}
+  batch['mask'] = np.ones(16, bool)
+  out = {}
+  for budget in (64.0, 0.05):  # one token chunk; many tiny ones (vocab chunks unsharded)
+    step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx, alpha=0.1,
+                                                 loss_impl='auto', loss_memory_mb=budget,
+                                                 vocab_shards=4))
+    hlo = step.lower(state, parallel.put_batch(batch, mesh)).compile().as_text()
+    out[str(budget)] = re.findall(r'= (\S+) all-gather(?:-start)?\(', hlo)
   return out
 
 
@@ -84,7 +110,8 @@ def checkpoint(workdir: str, data_path: str, cache: str) -> dict:
 if __name__ == '__main__':
   what = sys.argv[1]
   if what == 'steps':
-    result = {'even': train_steps(37)}
+    result = {'even': train_steps(39), 'odd': train_steps(40),  # 40 / 41 table rows
+              'all_gathers': collectives()}
   else:
     result = checkpoint(*sys.argv[2:5])
   print(json.dumps(result))
