@@ -5,9 +5,9 @@ Command:
 Data: the synthetic 'demo' preset (4,000 users, 1,500 items, a view -> fav/cart -> buy
 funnel with item-to-item transitions), generated on first use at
 data/synthetic_demo.txt (a second or so).
-Expected: item popularity scores about 0.1 sampled Val NDCG@10 on this data; GEAR
-climbs far above it (see README, "Quick start"). Runtime: a few minutes on a 2-core
-laptop CPU.
+Expected: item popularity scores 0.127 sampled Val NDCG@10 on this data
+(scripts/baselines.py); GEAR sits at that level for ~8 epochs, then climbs to about 0.62
+by epoch 29. Runtime: about 2.5 minutes on a 2-core laptop CPU.
 """
 
 from gear_jax.defaults import get_default_config
@@ -28,7 +28,7 @@ def get_config():
   config.model.dropout = 0.2
   config.train.batch_size = 64
   config.train.num_epochs = 30
-  config.train.patience = 10
+  config.train.patience = 30  # the first ~8 epochs sit at the popularity level
   config.eval.protocol = 'sampled'
   config.eval.other_protocol = True  # also full-catalogue ranking (val_full/...)
   return config

@@ -154,7 +154,8 @@ def test_cache_roundtrip_rebuild_and_atomicity(write, tmp_path, caplog):
   changed, info5 = preprocess.load(path, readers.TSV, preprocess.Settings(), str(cache))
   assert not info5.from_cache and info5.cache_path != info.cache_path
   assert changed.items[4] == 4
-  assert not [f for f in os.listdir(cache) if f.startswith('.tmp')]
+  # no temporary files left behind: only finished cache entries
+  assert all(f.startswith('data-') and f.endswith('.npz') for f in os.listdir(cache))
 
 
 def test_bad_input_leaves_the_cache_alone(write, tmp_path):

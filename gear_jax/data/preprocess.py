@@ -30,13 +30,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import zipfile
-from collections.abc import Sequence
 
 import numpy as np
 
+from gear_jax import atomic
 from gear_jax.data import readers
 from gear_jax.data.errors import DataError
 
@@ -301,22 +300,9 @@ def cache_key(file_hash: str, fmt: readers.FileFormat, settings: Settings) -> st
 
 
 def atomic_save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes an .npz next to `path` under a temporary name, then renames it.
-
-  A crash leaves at worst a stray temporary file, never a half-written cache."""
-  directory = os.path.dirname(path) or '.'
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.npz', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Writes an .npz atomically: a crash never leaves a half-written cache."""
+  with atomic.atomic_write(path) as f:
+    np.savez(f, **arrays)
 
 
 def load_npz(path: str) -> dict[str, np.ndarray] | None:
@@ -425,6 +411,3 @@ def format_from_config(data_config) -> readers.FileFormat:
 def _column(spec: int | str) -> int | str:
   return int(spec) if isinstance(spec, int) or str(spec).isdigit() else str(spec)
 
-
-def describe_behaviors(names: Sequence[str]) -> str:
-  return ', '.join(f'{i + 1}={n}' for i, n in enumerate(names))

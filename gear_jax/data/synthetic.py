@@ -42,10 +42,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import secrets
 import time
 
 import numpy as np
+
+from gear_jax import atomic
 
 # `generate` returns behaviors as uint8 codes indexing this tuple (0 = pv ... 3 = buy).
 BEHAVIORS = ('pv', 'fav', 'cart', 'buy')
@@ -390,22 +391,11 @@ def write_tsv(path: str | os.PathLike, columns: dict[str, np.ndarray],
   or not at all (temp file in the same directory, then `os.replace`).
   """
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # a unique hidden name beside the target; 'xb' keeps the umask's permissions
-  tmp = path.parent / f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
-  try:
-    with open(tmp, 'xb') as f:
-      n = len(columns['user'])
-      for lo in range(0, n, chunk):
-        f.write(_encode_lines({c: np.asarray(columns[c])[lo:lo + chunk]
-                               for c in ('user', 'item', 'behavior', 'timestamp')}))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic.atomic_write(path) as f:
+    n = len(columns['user'])
+    for lo in range(0, n, chunk):
+      f.write(_encode_lines({c: np.asarray(columns[c])[lo:lo + chunk]
+                             for c in ('user', 'item', 'behavior', 'timestamp')}))
   return path
 
 
