@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from gear_jax import checkpoint as ckpt_lib
@@ -229,8 +229,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  run_log.quiet_libraries()
   config = FLAGS.config if FLAGS.config is not None else defaults.get_default_config()
   try:
     report = convert(FLAGS.input, FLAGS.output, config, do_verify=FLAGS.verify)

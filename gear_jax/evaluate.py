@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from gear_jax import checkpoint as ckpt_lib
@@ -30,7 +30,7 @@ from gear_jax import defaults, metrics, parallel, steps
 from gear_jax import model as model_lib
 from gear_jax.data import DataError, load_dataset, load_negatives
 from gear_jax.data import pipeline as pipeline_lib
-from gear_jax.run_log import Progress
+from gear_jax import run_log
 
 
 def protocols_of(eval_config) -> tuple[str, ...]:
@@ -85,7 +85,7 @@ class Evaluator:
         self.negatives(split), process_index=pidx, process_count=pcount)
     if batches.num_batches == 0:
       return {}
-    progress = Progress(batches.num_batches, f'eval {split}',
+    progress = run_log.Progress(batches.num_batches, f'eval {split}',
                         enabled=self.verbose and pidx == 0)
     sums = None
     pipe = pipeline_lib.eval_pipeline(batches, num_threads=int(self.config.data.threads))
@@ -178,16 +178,9 @@ def run(config, workdir: str, *, checkpoint: str = 'best', split: str = 'val',
               seconds=round(time.perf_counter() - start, 3), metrics=result)
 
 
-def _quiet_libraries() -> None:
-  """orbax and grain log every file they write at INFO; show warnings unless the user
-  asked for --verbosity."""
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-
-
 def main(argv):
   del argv
-  _quiet_libraries()
+  run_log.quiet_libraries()
   try:
     config = FLAGS.config if FLAGS.config is not None else \
         config_from_workdir(FLAGS.workdir)

@@ -166,10 +166,6 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
                      f'devices) and the process count ({jax.process_count()})')
 
 
-def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
 def to_host(x) -> np.ndarray:
   """An array as numpy on every process (replicated values are read locally)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -19,6 +19,14 @@ import numpy as np
 from gear_jax import atomic
 
 
+def quiet_libraries() -> None:
+  """orbax and grain log every file they write at INFO: CLIs show warnings and errors
+  unless the user asked for --verbosity."""
+  from absl import flags, logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def atomic_write_text(path: str, text: str) -> None:
   with atomic.atomic_write(path, 'w') as f:
     f.write(text)

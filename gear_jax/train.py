@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from gear_jax import checkpoint as ckpt_lib
@@ -274,17 +274,10 @@ def _check_finite(loss: float, step: int, epoch: int, store) -> None:
 FLAGS = flags.FLAGS
 
 
-def _quiet_libraries() -> None:
-  """orbax and grain log every file they write at INFO; show warnings unless the user
-  asked for --verbosity."""
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  _quiet_libraries()
+  run_log.quiet_libraries()
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (DataError, FloatingPointError) as e:

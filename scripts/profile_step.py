@@ -23,7 +23,6 @@ import collections
 import functools
 import glob
 import gzip
-import importlib.util
 import json
 import os
 import re

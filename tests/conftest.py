@@ -58,3 +58,14 @@ def run_module(module: str, *args: str, env: dict | None = None, cwd=REPO,
   full_env.update(env or {})
   return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd, env=full_env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def synthetic_data(directory, num_users: int, num_items: int, seed: int, *,
+                   cache_dir: str = '', **settings):
+  """Writes a synthetic data set into `directory` and preprocesses it (GearData)."""
+  from gear_jax.data import preprocess, readers, synthetic
+  path = pathlib.Path(directory) / 'syn.txt'
+  synthetic.write_tsv(path, synthetic.generate(num_users, num_items, seed=seed))
+  data, _ = preprocess.load(str(path), readers.TSV, preprocess.Settings(**settings),
+                            cache_dir=cache_dir)
+  return data

@@ -5,16 +5,14 @@ import os
 import numpy as np
 import pytest
 
-from gear_jax.data import negatives, preprocess, readers, synthetic
+from conftest import synthetic_data
+from gear_jax.data import negatives
 from gear_jax.data.errors import DataError
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-  path = tmp_path_factory.mktemp('neg') / 'syn.txt'
-  synthetic.write_tsv(path, synthetic.generate(400, 300, seed=3))
-  d, _ = preprocess.load(str(path), readers.TSV, preprocess.Settings(), cache_dir='')
-  return d
+  return synthetic_data(tmp_path_factory.mktemp('neg'), 400, 300, seed=3)
 
 
 def _touched(d, users, neg):
@@ -70,10 +68,8 @@ def test_too_few_items_is_a_clear_error(data):
 
 
 def test_cached_once_and_reused(tmp_path):
-  path = tmp_path / 'syn.txt'
-  synthetic.write_tsv(path, synthetic.generate(200, 150, seed=1))
   cache = str(tmp_path / 'cache')
-  d, _ = preprocess.load(str(path), readers.TSV, preprocess.Settings(), cache)
+  d = synthetic_data(tmp_path, 200, 150, seed=1, cache_dir=cache)
   a, _, cached = negatives.load_or_sample(d, 'val', mode='random', num=30, seed=1,
                                           cache_dir=cache)
   assert not cached
@@ -93,9 +89,7 @@ def test_cached_once_and_reused(tmp_path):
 
 
 def test_val_and_test_draw_independently(tmp_path):
-  path = tmp_path / 'syn.txt'
-  synthetic.write_tsv(path, synthetic.generate(300, 200, seed=2))
-  d, _ = preprocess.load(str(path), readers.TSV, preprocess.Settings(split='val_test'), '')
+  d = synthetic_data(tmp_path, 300, 200, seed=2, split='val_test')
   val, _, _ = negatives.load_or_sample(d, 'val', mode='random', num=10, seed=0, cache_dir='')
   test, _, _ = negatives.load_or_sample(d, 'test', mode='random', num=10, seed=0,
                                         cache_dir='')

@@ -4,7 +4,8 @@ epoch, the 0.2 random-window rule, padding/masking, and exact resumption."""
 import numpy as np
 import pytest
 
-from gear_jax.data import negatives, pipeline, preprocess, readers, synthetic
+from conftest import synthetic_data
+from gear_jax.data import negatives, pipeline
 from gear_jax.model import time_matrix
 
 L = 12
@@ -12,10 +13,7 @@ L = 12
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-  path = tmp_path_factory.mktemp('pipe') / 'syn.txt'
-  synthetic.write_tsv(path, synthetic.generate(300, 150, seed=0))
-  d, _ = preprocess.load(str(path), readers.TSV, preprocess.Settings(), cache_dir='')
-  return d
+  return synthetic_data(tmp_path_factory.mktemp('pipe'), 300, 150, seed=0)
 
 
 def _reference_window(d, seq_end, length):
