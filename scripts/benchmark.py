@@ -13,6 +13,12 @@ Runs on whatever JAX backend is present (CPU or GPU). Measures, in one process:
   peak_rss_mb             peak host memory of the process
   peak_device_mb          peak device memory (GPU only)
 Evaluation uses a synthetic data set of --eval_users users over the same catalog.
+
+--reference PYTHON then runs scripts/reference_torch.py (the reference model in PyTorch,
+checked against the parity fixture with its --verify) with that interpreter, which
+needs torch and numpy, on the same shapes in a subprocess, and adds its figures under
+"reference" and the ratios `train_speedup` and `eval_model_speedup`. gear_jax needs no
+torch; keep it in its own environment.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
+import gear_jax  # noqa: F401  (first: its host allocator settings, gear_jax/hostalloc.py)
 import jax
 import ml_collections
 import numpy as np
@@ -90,7 +98,7 @@ def train_benchmark(args) -> dict:
   return dict(compile_s=round(compile_s, 2), step_s=round(step_s, 4),
               step_s_min=round(min(times), 4),
               train_seq_per_s=round(args.batch / step_s, 1),
-              loss=float(aux['loss']), params=model_lib.count_params(state.params),
+              final_loss=float(aux['loss']), params=model_lib.count_params(state.params),
               state=state, model=model, mesh=mesh)
 
 
@@ -120,6 +128,19 @@ def eval_benchmark(args, model, params, mesh) -> dict:
   return out
 
 
+def reference_benchmark(args) -> dict:
+  """scripts/reference_torch.py's JSON for the same shapes, run with `args.reference`."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference_torch.py')
+  cmd = [args.reference, script, '--items', str(args.items), '--batch', str(args.batch),
+         '--max_len', str(args.max_len), '--d_model', str(args.d_model),
+         '--n_head', str(args.n_head), '--n_layer', str(args.n_layer),
+         '--steps', str(args.steps), '--eval_batch', str(args.eval_batch), '--json']
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    raise SystemExit(f'reference run failed ({" ".join(cmd)}):\n{proc.stderr[-2000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--items', type=int, default=99_037)
@@ -132,11 +153,14 @@ def main():
                       choices=['float32', 'default', 'bfloat16'])
   parser.add_argument('--loss', default='chunked', choices=['chunked', 'dense'])
   parser.add_argument('--loss_memory_mb', type=float, default=256.0)
-  parser.add_argument('--steps', type=int, default=5, help='timed training steps')
+  parser.add_argument('--steps', type=int, default=10, help='timed training steps')
   parser.add_argument('--eval_users', type=int, default=20_000)
-  parser.add_argument('--eval_batch', type=int, default=1024)
+  parser.add_argument('--eval_batch', type=int, default=256)
   parser.add_argument('--skip_eval', action='store_true')
   parser.add_argument('--skip_full', action='store_true')
+  parser.add_argument('--reference', metavar='PYTHON', default=None,
+                      help='Also time the PyTorch reference (scripts/reference_torch.py) '
+                      'with this interpreter, which needs torch.')
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
 
@@ -153,6 +177,12 @@ def main():
   device_mb = peak_device_mb()
   if device_mb is not None:
     result['peak_device_mb'] = round(device_mb, 1)
+  if args.reference:
+    ref = reference_benchmark(args)
+    result['reference'] = ref
+    result['train_speedup'] = round(ref['step_s'] / result['step_s'], 2)
+    if 'eval_users_per_s' in result:
+      result['eval_model_speedup'] = round(result['eval_users_per_s'] / ref['eval_users_per_s'], 2)
   if args.json:
     print(json.dumps(result))
     return
@@ -170,8 +200,16 @@ def main():
   rows.append(('peak host RSS (MB)', f'{result["peak_rss_mb"]:,.0f}'))
   if 'peak_device_mb' in result:
     rows.append(('peak device memory (MB)', f'{result["peak_device_mb"]:,.0f}'))
+  if 'reference' in result:
+    ref = result['reference']
+    rows += [(f'reference train step (s, torch {ref["torch"]})', f'{ref["step_s"]:.4f}'),
+             ('  train speedup', f'{result["train_speedup"]:.2f}x'),
+             ('reference eval users/s (model only)', f'{ref["eval_users_per_s"]:,.0f}'),
+             ('reference peak RSS (MB)', f'{ref["peak_rss_mb"]:,.0f}')]
+    if 'eval_model_speedup' in result:
+      rows.append(('  eval speedup (ours end to end)', f'{result["eval_model_speedup"]:.2f}x'))
   for name, value in rows:
-    print(f'  {name:<40}{value:>14}')
+    print(f'  {name:<44}{value:>14}')
   sys.stdout.flush()
 
 

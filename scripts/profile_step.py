@@ -33,6 +33,7 @@ import tempfile
 import time
 import types
 
+import gear_jax  # noqa: F401  (first: its host allocator settings, gear_jax/hostalloc.py)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,0 +1,59 @@
+"""The glibc allocator settings applied on `import gear_jax` (gear_jax/hostalloc.py)."""
+
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc',
+    reason='the settings apply to glibc only')
+
+# A worker thread allocates 256 MB, frees it and allocates it again, as XLA:CPU does with
+# a step's scratch memory; the second allocation's page faults are counted.
+PROBE = '''
+import json, resource, threading
+import gear_jax
+import numpy as np
+from gear_jax import hostalloc
+faults = []
+def work():
+  np.ones(2**25)  # 256 MB, freed at once
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  np.ones(2**25)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(json.dumps({'applied': hostalloc.configure(), 'faults': faults[0]}))
+'''
+
+
+def probe(**env) -> dict:
+  import os
+  full = {k: v for k, v in os.environ.items()
+          if not k.startswith('MALLOC_') and k not in ('GLIBC_TUNABLES',
+                                                        'GEAR_JAX_HOST_ALLOCATOR')}
+  full['NUMPY_MADVISE_HUGEPAGE'] = '0'  # 4 KB pages, as XLA's buffers get
+  full.update(env)
+  out = subprocess.run([sys.executable, '-c', PROBE], env=full, capture_output=True,
+                       text=True, timeout=120, check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def test_scratch_memory_is_reused_without_page_faults():
+  on = probe()
+  assert on['applied'] == {'M_ARENA_MAX': 1, 'M_MMAP_MAX': 0,
+                           'M_TRIM_THRESHOLD': 2**31 - 1}
+  off = probe(GEAR_JAX_HOST_ALLOCATOR='0')
+  assert off['applied'] == {}
+  pages = 2**28 // 4096
+  assert off['faults'] > pages // 2  # glibc's default: a fresh mmap, every page faulted
+  assert on['faults'] < pages // 50  # the freed heap memory is reused
+
+
+def test_user_malloc_settings_win():
+  assert probe(MALLOC_ARENA_MAX='4')['applied'] == {}
+  assert probe(GLIBC_TUNABLES='glibc.malloc.mmap_max=0')['applied'] == {}
