@@ -26,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gear_jax import checkpoint as ckpt_lib
-from gear_jax import defaults, metrics, parallel, steps
+from gear_jax import defaults, hostalloc, metrics, parallel, steps
 from gear_jax import model as model_lib
 from gear_jax.data import DataError, load_dataset, load_negatives
 from gear_jax.data import pipeline as pipeline_lib
@@ -145,6 +145,7 @@ def _flatten(d: dict, prefix: str = '') -> dict:
 def run(config, workdir: str, *, checkpoint: str = 'best', split: str = 'val',
         protocol: str | None = None) -> dict:
   """Evaluates one checkpoint of `workdir`; returns the metrics and where they came from."""
+  hostalloc.configure()  # before XLA starts its threads; see gear_jax/hostalloc.py
   config = ml_collections.ConfigDict(config.to_dict())
   if protocol:
     config.eval.protocol = protocol

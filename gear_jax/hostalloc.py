@@ -16,10 +16,12 @@ the step. Three `mallopt` settings make the memory stay with the process instead
 The cost is that memory freed by the process is reused by it but not returned to the
 system until exit. Peak memory is unchanged (measured: README, "Performance").
 
-`configure()` runs when `gear_jax` is imported, which for the command-line entry points
-is before numpy or jax start any thread, as the arena setting needs. It does nothing
-when the C library is not glibc, when GEAR_JAX_HOST_ALLOCATOR=0, or when the user set
-glibc's own MALLOC_* / GLIBC_TUNABLES variables (theirs win).
+Importing gear_jax changes nothing. `configure()` is called by `train.train_and_evaluate`
+and `evaluate.run` (so by both command lines) and by the benchmark scripts, first thing,
+before XLA starts its thread pool: the arena setting only binds threads that have not
+allocated yet. A program that drives the model and steps itself can call it first. It
+does nothing when the C library is not glibc, when GEAR_JAX_HOST_ALLOCATOR=0, or when
+the user set glibc's own MALLOC_* / GLIBC_TUNABLES variables (theirs win).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gear_jax import checkpoint as ckpt_lib
-from gear_jax import defaults, parallel, run_log, steps
+from gear_jax import defaults, hostalloc, parallel, run_log, steps
 from gear_jax import model as model_lib
 from gear_jax.data import DataError, load_dataset
 from gear_jax.data import pipeline as pipeline_lib
@@ -99,6 +99,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains with early stopping, keeps the best and latest checkpoints, and writes
   config.json, metrics.jsonl, TensorBoard events and summary.json to `workdir`.
   Returns the summary."""
+  hostalloc.configure()  # before XLA starts its threads; see gear_jax/hostalloc.py
   defaults.validate_config(config)
   parallel.initialize_distributed(config.distributed.coordinator,
                                   int(config.distributed.num_processes),

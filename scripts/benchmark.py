@@ -34,10 +34,11 @@ import sys
 import tempfile
 import time
 
-import gear_jax  # noqa: F401  (first: its host allocator settings, gear_jax/hostalloc.py)
 import jax
 import ml_collections
 import numpy as np
+
+from gear_jax import hostalloc
 
 
 def peak_rss_mb() -> float:
@@ -163,6 +164,7 @@ def main():
                       'with this interpreter, which needs torch.')
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
+  hostalloc.configure()  # as train_and_evaluate does, before XLA starts its threads
 
   result = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                 devices=jax.device_count(), items=args.items, batch=args.batch,

@@ -33,7 +33,6 @@ import tempfile
 import time
 import types
 
-import gear_jax  # noqa: F401  (first: its host allocator settings, gear_jax/hostalloc.py)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +40,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from gear_jax import hostalloc  # noqa: E402
 from gear_jax import model as M  # noqa: E402
 from gear_jax import steps  # noqa: E402
 
@@ -165,6 +165,7 @@ def main() -> None:
                   help='time each implementation\'s steps back to back instead of interleaved')
   ap.add_argument('--top', type=int, default=30)
   args = ap.parse_args()
+  hostalloc.configure()  # as train_and_evaluate does, before XLA starts its threads
 
   print(f'backend {jax.default_backend()}, {os.cpu_count()} CPUs, jax {jax.__version__}; '
         f'B {args.batch} L {args.max_len} V {args.items} precision {args.precision}')

@@ -1,4 +1,4 @@
-"""The glibc allocator settings applied on `import gear_jax` (gear_jax/hostalloc.py)."""
+"""The glibc allocator settings of gear_jax/hostalloc.py: their effect, when they apply."""
 
 import json
 import platform
@@ -14,10 +14,11 @@ pytestmark = pytest.mark.skipif(
 # A worker thread allocates 256 MB, frees it and allocates it again, as XLA:CPU does with
 # a step's scratch memory; the second allocation's page faults are counted.
 PROBE = '''
-import json, resource, threading
-import gear_jax
+import json, os, resource, threading
 import numpy as np
 from gear_jax import hostalloc
+if os.environ.get('PROBE_CONFIGURE') == '1':
+  hostalloc.configure()
 faults = []
 def work():
   np.ones(2**25)  # 256 MB, freed at once
@@ -27,7 +28,7 @@ def work():
 thread = threading.Thread(target=work)
 thread.start()
 thread.join()
-print(json.dumps({'applied': hostalloc.configure(), 'faults': faults[0]}))
+print(json.dumps({'applied': hostalloc._applied, 'faults': faults[0]}))
 '''
 
 
@@ -44,10 +45,10 @@ def probe(**env) -> dict:
 
 
 def test_scratch_memory_is_reused_without_page_faults():
-  on = probe()
+  on = probe(PROBE_CONFIGURE='1')
   assert on['applied'] == {'M_ARENA_MAX': 1, 'M_MMAP_MAX': 0,
                            'M_TRIM_THRESHOLD': 2**31 - 1}
-  off = probe(GEAR_JAX_HOST_ALLOCATOR='0')
+  off = probe(PROBE_CONFIGURE='1', GEAR_JAX_HOST_ALLOCATOR='0')
   assert off['applied'] == {}
   pages = 2**28 // 4096
   assert off['faults'] > pages // 2  # glibc's default: a fresh mmap, every page faulted
@@ -55,5 +56,27 @@ def test_scratch_memory_is_reused_without_page_faults():
 
 
 def test_user_malloc_settings_win():
-  assert probe(MALLOC_ARENA_MAX='4')['applied'] == {}
-  assert probe(GLIBC_TUNABLES='glibc.malloc.mmap_max=0')['applied'] == {}
+  assert probe(PROBE_CONFIGURE='1', MALLOC_ARENA_MAX='4')['applied'] == {}
+  assert probe(PROBE_CONFIGURE='1', GLIBC_TUNABLES='glibc.malloc.mmap_max=0')['applied'] == {}
+
+
+def test_import_changes_nothing():
+  untouched = probe()  # imports gear_jax (and its hostalloc) without calling configure()
+  assert untouched['applied'] is None
+  assert untouched['faults'] > 2**28 // 4096 // 2
+
+
+def test_train_and_evaluate_configures_first(monkeypatch, tmp_path):
+  """The settings are applied before anything else of a run (config checks, devices)."""
+  from gear_jax import defaults, hostalloc, train
+  calls = []
+
+  def validate(config):
+    calls.append('validate')
+    raise ValueError('stop here')
+
+  monkeypatch.setattr(hostalloc, 'configure', lambda: calls.append('configure') or {})
+  monkeypatch.setattr(defaults, 'validate_config', validate)
+  with pytest.raises(ValueError, match='stop here'):
+    train.train_and_evaluate(defaults.get_default_config(), str(tmp_path))
+  assert calls == ['configure', 'validate']
