@@ -137,9 +137,10 @@ def eval_step(params, batch: dict[str, Array], *, model: model_lib.GEAR,
               protocols: Sequence[str], ks: Sequence[int], full_chunk: int
               ) -> dict[str, dict[str, Array]]:
   """Metric sums of one evaluation batch for each protocol ('sampled', 'full')."""
-  h_beh, _ = model.apply({'params': params}, batch['items'], batch['behaviors'],
-                         batch['gaps'], deterministic=True)
-  h_last = h_beh[:, -1]  # [B, d]: the target-behavior slot b_L
+  # [B, d]: the output at the target-behavior slot b_L (only that position is computed
+  # in the last upper block)
+  h_last = model.apply({'params': params}, batch['items'], batch['behaviors'],
+                       batch['gaps'], method=model_lib.GEAR.last_state)
   out = {}
   for protocol in protocols:
     if protocol == 'sampled':

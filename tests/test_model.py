@@ -57,6 +57,12 @@ def test_fixture_outputs_and_gradients(ref):
   scores = M.score_candidates(params, h_beh[:, -1],
                               jnp.asarray(ref['inputs']['candidates'], jnp.int32), HIGHEST)
   np.testing.assert_allclose(scores, out['scores'], atol=TOL, rtol=0)
+  # the evaluation path: only the last position in the last upper block
+  h_last = model.apply({'params': params}, batch['items'], batch['behaviors'], batch['gaps'],
+                       method=M.GEAR.last_state)
+  scores = M.score_candidates(params, h_last,
+                              jnp.asarray(ref['inputs']['candidates'], jnp.int32), HIGHEST)
+  np.testing.assert_allclose(scores, out['scores'], atol=TOL, rtol=0)
   for impl in ('dense', 'token', 'vocab'):
     def loss_fn(p, impl=impl):
       return steps.gear_loss(p, batch, None, model=model, alpha=cfg['alpha'],
@@ -187,6 +193,22 @@ def test_shapes_and_param_count(small):
   shapes = jax.eval_shape(lambda k: M.init_params(retail, k, 50), jax.random.PRNGKey(0))
   n = M.count_params(shapes)
   assert n == 3_245_664 and f'{n / 1e6:.1f} M' == '3.2 M'
+
+
+@pytest.mark.parametrize('mask_padding', [False, True])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_last_state_is_the_last_output(small, mask_padding, dtype):
+  model, params, items, behaviors, gaps = small
+  model = model.clone(mask_padding=mask_padding, dtype=dtype)
+  full = model.apply({'params': params}, items, behaviors, gaps)[0][:, -1]
+  last = model.apply({'params': params}, items, behaviors, gaps, method=M.GEAR.last_state)
+  assert last.shape == (B, D) and last.dtype == full.dtype
+  np.testing.assert_allclose(np.asarray(last, np.float32), np.asarray(full, np.float32),
+                             atol=1e-5 if dtype == jnp.float32 else 2e-2)
+  # and it still depends on the whole sequence (row 0 is left-padded)
+  moved = model.apply({'params': params}, items, behaviors, gaps + 1000,
+                      method=M.GEAR.last_state)
+  assert float(jnp.abs(moved.astype(jnp.float32) - last.astype(jnp.float32)).max()) > 1e-3
 
 
 def test_causality(small):
