@@ -178,6 +178,15 @@ def _query_blocks(t: int) -> tuple[tuple[int, int], ...]:
   return tuple((q0, min(q0 + size, t)) for q0 in range(0, t, size))
 
 
+def _allowed(ik: Array, iq: Array, valid_keys: Array | None) -> Array:
+  """Which (key, query) pairs attend, from broadcastable key / query positions: causal
+  (key <= query); with `valid_keys` (bool, broadcast like `ik`) padded keys are hidden
+  too, but a query always sees itself (so no softmax row is empty)."""
+  if valid_keys is None:
+    return ik <= iq
+  return (ik <= iq) & (valid_keys | (ik == iq))
+
+
 def _block_weights(q: Array, k: Array, bias: Array | None, valid: Array | None,
                    seed: Array | None, spec: _AttnSpec, q0: int, q1: int
                    ) -> tuple[Array, Array]:
@@ -191,10 +200,9 @@ def _block_weights(q: Array, k: Array, bias: Array | None, valid: Array | None,
   ik = jnp.arange(q1)[:, None]
   iq = jnp.arange(q0, q1)[None, :]
   if valid is None:  # additive: fuses into the same pass as the softmax
-    s = s + jnp.where(ik <= iq, 0.0, -jnp.inf)[None]
-  else:  # padded keys hidden too, but a query always sees itself
-    allowed = (ik <= iq)[None] & (valid[:, :q1, None] | (ik == iq)[None])
-    s = jnp.where(allowed, s, -jnp.inf)
+    s = s + jnp.where(_allowed(ik, iq, None), 0.0, -jnp.inf)[None]
+  else:
+    s = jnp.where(_allowed(ik[None], iq[None], valid[:, :q1, None]), s, -jnp.inf)
   p = jax.nn.softmax(s, axis=1)  # over keys
   if spec.rate == 0.0:
     return p, p
@@ -316,6 +324,8 @@ class SelfAttention(nn.Module):
     bias_in = jnp.concatenate([bias_in[:d], jnp.zeros_like(bias_in[d:2 * d]),
                                bias_in[2 * d:]])
     if last is not None:
+      if not deterministic:
+        raise ValueError('last= computes inference outputs; it needs deterministic=True')
       out = self._attend_last(x, kernel, bias_in, valid, bias, last)  # [B*n, d]
       t = last
     else:
@@ -339,11 +349,8 @@ class SelfAttention(nn.Module):
                    preferred_element_type=jnp.float32) / math.sqrt(dh)  # [B, H, n, T]
     if bias is not None:
       s = s + bias[:, :, t - n:]
-    iq = jnp.arange(t - n, t)[:, None]
-    ik = jnp.arange(t)[None, :]
-    allowed = (ik <= iq)[None, None]
-    if valid is not None:  # as in `_block_weights`: padded keys hidden, not the query itself
-      allowed = allowed & (valid[:, None, None, :] | (ik == iq)[None, None])
+    allowed = _allowed(jnp.arange(t)[None, :], jnp.arange(t - n, t)[:, None],
+                       None if valid is None else valid[:, None, None, :])  # [(B, 1,) n, T]
     p = jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), axis=-1)
     o = jnp.einsum('bhqk,bkhc->bqhc', p.astype(self.dtype), v, precision=self.precision,
                    preferred_element_type=jnp.float32)

@@ -1,18 +1,19 @@
-"""PyTorch GEAR, written from /work/shared/GEAR_SPEC.md, as a side-by-side speed baseline.
+"""PyTorch GEAR, written from ../shared/GEAR_SPEC.md, as a side-by-side speed baseline.
 
 It builds the model the way the public (PyTorch) implementation does, with the same module
 and state_dict names, so that it loads the parity fixture directly.
 
   # numerical parity against the reference fixture (exit 1 on failure)
-  /work/venv-torch/bin/python scripts/reference_torch.py --verify \
-      [/work/shared/fixtures/gear_reference_small.npz]
+  TORCH_PYTHON scripts/reference_torch.py --verify \
+      [../shared/fixtures/gear_reference_small.npz]
 
   # timing: training step (forward + loss + backward + Adam) and evaluation scoring
-  /work/venv-torch/bin/python scripts/reference_torch.py [--items 99037] [--batch 128]
+  TORCH_PYTHON scripts/reference_torch.py [--items 99037] [--batch 128]
       [--max_len 50] [--d_model 32] [--n_head 2] [--n_layer 4] [--steps 5]
       [--threads N] [--eval_batch 1024] [--eval_users 4096] [--json]
 
-Needs only numpy and torch (CPU is enough); keep it out of the project venv.
+TORCH_PYTHON is an interpreter with only numpy and torch (CPU is enough); keep torch out
+of the project's environment.
 
 Caveat: under eval + no_grad, nn.TransformerEncoderLayer takes PyTorch's "fast path", which
 turns a float attention mask into a boolean one (any nonzero entry is masked; pytorch issues
@@ -37,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_FIXTURE = '/work/shared/fixtures/gear_reference_small.npz'
+# ../shared next to the checkout, as for the tests (tests/conftest.py)
+DEFAULT_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
+                               'shared', 'fixtures', 'gear_reference_small.npz')
 
 
 def encoder_layer(d: int, n_head: int, dropout: float) -> nn.TransformerEncoderLayer:

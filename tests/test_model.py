@@ -211,6 +211,15 @@ def test_last_state_is_the_last_output(small, mask_padding, dtype):
   assert float(jnp.abs(moved.astype(jnp.float32) - last.astype(jnp.float32)).max()) > 1e-3
 
 
+def test_last_needs_inference_mode():
+  layer = M.EncoderLayer(D, H, 0.3)
+  x = jnp.zeros((2, 5, D))
+  variables = layer.init(jax.random.PRNGKey(0), x, None, None, True)
+  with pytest.raises(ValueError, match='deterministic=True'):
+    layer.apply(variables, x, None, None, False, last=1,
+                rngs={'dropout': jax.random.PRNGKey(1)})
+
+
 def test_causality(small):
   model, params, items, behaviors, gaps = small
   base = model.apply({'params': params}, items, behaviors, gaps)
