@@ -1,6 +1,6 @@
-"""The quality benchmark: ../shared/bench/markov3k with the reference's small config.
+"""The quality benchmark: tests/data/markov3k with the reference's small config.
 
-Command:
+Command (from the repository root; data.path is relative to the current directory):
   python -m gear_jax.train --config configs/markov3k.py --workdir runs/markov3k
 Data: 3,000 users / 500 items whose buys follow item-to-item transitions, so item
 popularity scores only 0.098 sampled NDCG@10 and the model must learn the sequence.
@@ -14,7 +14,7 @@ from gear_jax.defaults import get_default_config
 def get_config():
   config = get_default_config()
   config.seed = 42
-  config.data.path = '../shared/bench/markov3k/retail.txt'
+  config.data.path = 'tests/data/markov3k/retail.txt.gz'  # tests/data/README.md
   config.data.max_len = 20
   config.model.d_model = 32
   config.model.n_head = 2

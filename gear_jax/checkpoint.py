@@ -10,12 +10,24 @@ marker; unfinished ones are ignored and cleaned up) and asynchronous: the next e
 trains while the previous one is written. `CheckpointManager` keeps exactly two: the
 LATEST and the BEST by the monitored metric (ties keep the earlier step, which is the
 one early stopping calls best).
+
+A checkpoint that cannot be read (a damaged disk, a file emptied or cut short) raises
+`CheckpointError` naming its step and the reason in one line. Nothing here ever deletes
+one: `set_aside` moves a damaged step out of the manager's directory (into
+``<workdir>/damaged_checkpoints/``) so that a resumed run can save that step again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import inspect
+import json
 import math
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import grain
@@ -24,8 +36,51 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from gear_jax import parallel
+from gear_jax.errors import CheckpointError
 
 ITEMS = ('params', 'train', 'data_iter', 'meta')
+DAMAGED_DIR = 'damaged_checkpoints'
+
+
+def one_line_reason(error: BaseException, limit: int = 240) -> str:
+  """The root cause of an exception in one line, cut short (orbax wraps tensorstore's
+  precise error, e.g. "OUT_OF_RANGE: Error reading ...", in pages of specs)."""
+  chain, seen = [], set()
+  while error is not None and id(error) not in seen and len(chain) < 16:
+    seen.add(id(error))
+    chain.append(error)
+    error = (error.__cause__ if error.__cause__ is not None else
+             None if error.__suppress_context__ else error.__context__)
+  for e in reversed(chain):
+    text = str(e).strip().split('\n')[0].split(' See full TensorStore details')[0]
+    if text.strip():
+      text = text.strip()
+      if len(text) < 24:  # e.g. KeyError('0'): the type says more than the text
+        text = f'{type(e).__name__}: {text}'
+      return text if len(text) <= limit else text[:limit - 3] + '...'
+  return type(chain[0]).__name__
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """orbax reads arrays in concurrent coroutines; when one fails the others are
+  dropped and Python prints each one's error ('Exception ignored in: <coroutine ...>')
+  when it is collected, pages of tensorstore specs. The error that matters is raised
+  (and reported in one line); these echoes are dropped."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (inspect.iscoroutine(unraisable.object)
+            and 'orbax' in getattr(unraisable.object, '__qualname__', '')
+            + str(getattr(unraisable.object, 'cr_code', ''))):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
 
 
 def _rank(metrics: dict) -> tuple[float, int]:
@@ -41,7 +96,8 @@ class CheckpointStore:
     """`num_items` and `mesh` (when given) convert a padded, row-sharded item table of
     the training state to and from the unpadded checkpoint form (`parallel`)."""
     self.num_items, self.mesh = num_items, mesh
-    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.workdir = os.path.abspath(workdir)
+    directory = os.path.join(self.workdir, 'checkpoints')
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(1),
         checkpoint_managers.BestN(get_metric_fn=_rank, reverse=False, n=1,
@@ -55,8 +111,11 @@ class CheckpointStore:
                 'data_iter': grain.checkpoint.CheckpointHandler(),
                 'meta': ocp.JsonCheckpointHandler()}
     self.directory = directory
-    self.manager = ocp.CheckpointManager(directory, options=options,
-                                         item_names=ITEMS, item_handlers=handlers)
+    try:
+      self.manager = ocp.CheckpointManager(directory, options=options,
+                                           item_names=ITEMS, item_handlers=handlers)
+    except Exception as e:  # a step's metrics or metadata file cannot be parsed
+      raise self._diagnose(e) from e
 
   # -- queries -----------------------------------------------------------------------
   def latest_step(self) -> int | None:
@@ -72,17 +131,54 @@ class CheckpointStore:
     """'best', 'latest' or a step number -> an existing step (or a clear error)."""
     steps = self.all_steps()
     if not steps:
-      raise FileNotFoundError(f'no checkpoints in {self.directory}')
+      raise CheckpointError(f'no checkpoints in {self.directory}',
+                            hint='train first (python -m gear_jax.train), or check '
+                            '--workdir')
     if which == 'best':
       step = self.best_step()
     elif which == 'latest':
       step = self.latest_step()
     else:
-      step = int(which)
+      try:
+        step = int(which)
+      except ValueError:
+        raise CheckpointError(f"--checkpoint {which!r} is not 'best', 'latest' or a "
+                              'step number') from None
     if step not in steps:
-      raise FileNotFoundError(f'checkpoint {which!r} not found in {self.directory}; '
-                              f'available steps: {sorted(steps)}')
+      raise CheckpointError(f'checkpoint {which!r} not found in {self.directory}',
+                            hint=f'available steps: {sorted(steps)}')
     return step
+
+  def _unreadable(self, step: int, error: BaseException) -> CheckpointError:
+    return CheckpointError(f'checkpoint step {step} in {self.directory} cannot be '
+                           f'read: {one_line_reason(error)}', step=step)
+
+  def _diagnose(self, error: BaseException) -> CheckpointError:
+    """Which step made opening the directory fail (orbax reads every step's metrics
+    file when it starts)."""
+    for step in sorted(step_dirs(self.directory), reverse=True):
+      for name in ('metrics/metrics', '_CHECKPOINT_METADATA'):
+        path = os.path.join(self.directory, str(step), name)
+        if os.path.exists(path):
+          try:
+            with open(path) as f:
+              json.load(f)
+          except ValueError as e:
+            return CheckpointError(
+                f'checkpoint step {step} in {self.directory} cannot be read: {name}: '
+                f'{one_line_reason(e)}', step=step, hint='move that step directory '
+                f'aside (e.g. into {os.path.join(self.workdir, DAMAGED_DIR)}) to use the '
+                'other checkpoints')
+    return CheckpointError(f'the checkpoints in {self.directory} cannot be listed: '
+                           f'{one_line_reason(error)}')
+
+  def set_aside(self, step: int) -> str:
+    """Moves a damaged step out of the manager's directory (kept, never deleted) and
+    returns its new path."""
+    self.wait()
+    target = set_aside(self.workdir, step)
+    self.manager.reload()
+    return target
 
   # -- save / restore ----------------------------------------------------------------
   def save(self, step: int, *, params, train: Any | None, iterator: Any | None,
@@ -98,7 +194,9 @@ class CheckpointStore:
     if iterator is not None:
       args['data_iter'] = grain.checkpoint.CheckpointSave(iterator)
     metrics = None if monitor is None else {'monitor': float(monitor), 'step': step}
-    self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
+    if not self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics):
+      raise RuntimeError(f'orbax skipped the save of step {step} in {self.directory} '
+                         f'(existing steps: {self.all_steps()})')
 
   def restore(self, step: int, *, params_target, train_target=None,
               iterator=None) -> dict[str, Any]:
@@ -117,7 +215,11 @@ class CheckpointStore:
       args['train'] = ocp.args.StandardRestore(stored['train'])
     if iterator is not None:
       args['data_iter'] = grain.checkpoint.CheckpointRestore(iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      with _quiet_failed_reads():
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # tensorstore, JSON, grain: all mean "unreadable"
+      raise self._unreadable(step, e) from e
     out = {k: restored[k] for k in args}
     if self.num_items is not None:
       for k in ('params', 'train'):
@@ -126,14 +228,40 @@ class CheckpointStore:
     return out
 
   def read_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:
+      raise self._unreadable(step, e) from e
+    if not isinstance(meta, dict) or 'config' not in meta:
+      raise self._unreadable(step, ValueError('its meta item holds no run record'))
+    return meta
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def step_dirs(directory: str) -> list[int]:
+  """The step numbers of the (committed or not) step directories in `directory`."""
+  if not os.path.isdir(directory):
+    return []
+  return [int(n) for n in os.listdir(directory) if n.isdigit()]
+
+
+def set_aside(workdir: str, step: int) -> str:
+  """Moves <workdir>/checkpoints/<step> to <workdir>/damaged_checkpoints/<step>-<time>
+  (for inspection; nothing is deleted) and returns the new path."""
+  workdir = os.path.abspath(workdir)
+  source = os.path.join(workdir, 'checkpoints', str(step))
+  target = os.path.join(workdir, DAMAGED_DIR, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+  parallel.sync_processes('set_aside')
+  return target
 
 
 def abstract(tree) -> Any:

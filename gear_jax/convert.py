@@ -32,8 +32,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gear_jax import checkpoint as ckpt_lib
-from gear_jax import defaults, run_log, steps
+from gear_jax import cli, defaults, run_log, steps
 from gear_jax import model as model_lib
+from gear_jax.data import DataError
+from gear_jax.errors import CheckpointError
+from gear_jax.lock import WorkdirLock
 
 TOLERANCE = 1e-4
 _PREFIXES = ('param/', 'state_dict/', 'state_dict.', 'backbone.', 'model.')
@@ -100,28 +103,30 @@ def torch_to_params(state: dict[str, np.ndarray]) -> dict:
       node = node.setdefault(part, {})
     node[path[-1]] = jnp.asarray(value.T if transpose else value)
   if unknown:
-    raise ValueError(f'unrecognised GEAR parameters: {unknown[:8]}'
-                     + (' ...' if len(unknown) > 8 else ''))
+    raise DataError(f'unrecognised GEAR parameters: {unknown[:8]}'
+                    + (' ...' if len(unknown) > 8 else ''), field='--input',
+                    hint='pass the state_dict of a reference GEAR model')
   for required in ('item_emb', 'behavior_emb', 'LayerNorm', 'item_attention_blocks_0',
                    'behavior_attention_blocks_0'):
     if required not in params:
-      raise ValueError(f'the state_dict has no {required} parameters')
+      raise DataError(f'the state_dict has no {required} parameters', field='--input',
+                      hint='pass the state_dict of a reference GEAR model')
   return params
 
 
 def read_reference(path: str) -> dict[str, np.ndarray]:
   """All arrays of an .npz, or the state_dict of a Lightning .ckpt (needs torch)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: file not found')
+    raise DataError('file not found', path=path, field='--input')
   if path.endswith('.npz'):
     with np.load(path, allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise SystemExit(f'{path}: reading a .ckpt needs torch, which is not installed. '
-                     'Export the state_dict to .npz where torch is available:\n  '
-                     + _EXPORT_HINT) from None
+    raise DataError('reading a .ckpt needs torch, which is not installed', path=path,
+                    field='--input', hint='export the state_dict to .npz where torch '
+                    'is available: ' + _EXPORT_HINT) from None
   ckpt = torch.load(path, map_location='cpu', weights_only=False)
   state = ckpt.get('state_dict', ckpt)
   out = {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, 'numpy')}
@@ -200,10 +205,20 @@ def convert(input_path: str, output_dir: str, config, *, do_verify: bool = False
   state, inputs, outputs, grads, file_config = split_arrays(read_reference(input_path))
   params = torch_to_params(state)
   config = model_config(params, file_config, config)
+  if do_verify and (not inputs or not outputs):
+    raise DataError('holds no input/* and output/* arrays to verify',
+                    path=input_path, field='--input', hint='drop --verify')
+  with WorkdirLock(output_dir, 'convert'):
+    return _write(params, inputs, outputs, grads, config, input_path, output_dir,
+                  do_verify)
+
+
+def _write(params, inputs, outputs, grads, config, input_path: str, output_dir: str,
+           do_verify: bool) -> dict:
   store = ckpt_lib.CheckpointStore(output_dir)
   if store.all_steps():
-    raise FileExistsError(f'{store.directory} already holds checkpoints; choose an '
-                          'empty --output')
+    raise CheckpointError(f'{store.directory} already holds checkpoints',
+                          hint='choose an empty --output')
   num_items = int(params['item_emb']['embedding'].shape[0] - 1)
   num_behaviors = int(params['behavior_emb']['embedding'].shape[0] - 1)
   meta = dict(epoch=-1, step=0, config=config.to_dict(), converted_from=
@@ -218,8 +233,6 @@ def convert(input_path: str, output_dir: str, config, *, do_verify: bool = False
             'n_layer': config.model.n_layer, 'n_head': config.model.n_head,
             'num_params': model_lib.count_params(params)}
   if do_verify:
-    if not inputs or not outputs:
-      raise ValueError(f'{input_path} holds no input/* and output/* arrays to verify')
     report['verify'] = verify(params, config, inputs, outputs, grads)
   return report
 
@@ -227,15 +240,11 @@ def convert(input_path: str, output_dir: str, config, *, do_verify: bool = False
 FLAGS = flags.FLAGS
 
 
+@cli.main
 def main(argv):
   del argv
-  run_log.quiet_libraries()
   config = FLAGS.config if FLAGS.config is not None else defaults.get_default_config()
-  try:
-    report = convert(FLAGS.input, FLAGS.output, config, do_verify=FLAGS.verify)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  report = convert(FLAGS.input, FLAGS.output, config, do_verify=FLAGS.verify)
   verdict = report.pop('verify', None)
   print(f'converted {FLAGS.input} -> {report["output"]} ({report["num_params"]:,} '
         f'parameters, {report["num_items"]:,} items, d_model {report["d_model"]}, '

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from gear_jax.data.errors import DataError
+from gear_jax.errors import ConfigError
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -103,31 +103,31 @@ def validate_config(config) -> None:
   """Fails early, before any data is read or anything is compiled."""
   for key, choices in _CHOICES.items():
     if _get(config, key) not in choices:
-      raise DataError(f'{_get(config, key)!r} is not one of {choices}',
-                      field=f'config.{key}')
+      raise ConfigError(f'{_get(config, key)!r} is not one of {choices}',
+                        field=f'config.{key}')
   positive = ['data.max_len', 'data.min_uc', 'model.d_model', 'model.n_head',
               'model.n_layer', 'train.batch_size', 'train.grad_accum', 'train.patience',
               'eval.batch_size', 'eval.num_negatives', 'eval.full_chunk']
   for key in positive:
     if int(_get(config, key)) < 1:
-      raise DataError(f'must be >= 1, got {_get(config, key)}', field=f'config.{key}')
+      raise ConfigError(f'must be >= 1, got {_get(config, key)}', field=f'config.{key}')
   if config.data.max_len < 2:
-    raise DataError('max_len must be >= 2', field='config.data.max_len')
+    raise ConfigError('max_len must be >= 2', field='config.data.max_len')
   if config.model.d_model % config.model.n_head:
-    raise DataError(f'd_model {config.model.d_model} is not divisible by n_head '
-                    f'{config.model.n_head}', field='config.model.d_model')
+    raise ConfigError(f'd_model {config.model.d_model} is not divisible by n_head '
+                      f'{config.model.n_head}', field='config.model.d_model')
   if not 0.0 <= config.model.dropout < 1.0:
-    raise DataError('dropout must be in [0, 1)', field='config.model.dropout')
+    raise ConfigError('dropout must be in [0, 1)', field='config.model.dropout')
   if config.train.num_epochs < 0:
-    raise DataError('num_epochs must be >= 0', field='config.train.num_epochs')
+    raise ConfigError('num_epochs must be >= 0', field='config.train.num_epochs')
   monitor = config.eval.monitor
   prefix, _, name = monitor.partition('/')
   other = 'val_full' if config.eval.protocol == 'sampled' else 'val_sampled'
   known = ['MRR'] + [f'{m}@{k}' for k in config.eval.ks for m in ('Recall', 'NDCG')]
   if (prefix not in ('val', other) or name not in known
       or (prefix == other and not config.eval.other_protocol)):
-    raise DataError(f'monitor {monitor!r} is not a computed validation metric; use '
-                    f"'val/<metric>' with <metric> one of {known}"
-                    + (f", or '{other}/<metric>' with eval.other_protocol=True"),
-                    field='config.eval.monitor')
+    raise ConfigError(f'monitor {monitor!r} is not a computed validation metric; use '
+                      f"'val/<metric>' with <metric> one of {known}"
+                      + (f", or '{other}/<metric>' with eval.other_protocol=True"),
+                      field='config.eval.monitor')
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -26,11 +25,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gear_jax import checkpoint as ckpt_lib
-from gear_jax import defaults, hostalloc, metrics, parallel, steps
+from gear_jax import cli, defaults, hostalloc, metrics, parallel, run_log, steps
 from gear_jax import model as model_lib
-from gear_jax.data import DataError, load_dataset, load_negatives
+from gear_jax.data import load_dataset, load_negatives
 from gear_jax.data import pipeline as pipeline_lib
-from gear_jax import run_log
+from gear_jax.errors import CheckpointError, ConfigError
 
 
 def protocols_of(eval_config) -> tuple[str, ...]:
@@ -77,8 +76,9 @@ class Evaluator:
   def num_cases(self, split: str) -> int:
     return len(self.data.eval_cases(split)[0])
 
-  def evaluate(self, params, split: str) -> dict[str, float]:
-    """{'val/NDCG@10': ..., 'val_full/NDCG@10': ..., ...} for `split`."""
+  def evaluate(self, params, split: str, *, on_batch=None) -> dict[str, float]:
+    """{'val/NDCG@10': ..., 'val_full/NDCG@10': ..., ...} for `split`. `on_batch()`
+    is called before every batch (the trainer stops there after an interrupt)."""
     pidx, pcount = parallel.process_slice()
     batches = pipeline_lib.EvalBatches(
         self.data, split, self.batch_size, int(self.config.data.max_len),
@@ -90,6 +90,8 @@ class Evaluator:
     sums = None
     pipe = pipeline_lib.eval_pipeline(batches, num_threads=int(self.config.data.threads))
     for i, batch in enumerate(pipe):
+      if on_batch is not None:
+        on_batch()
       out = self._step(params, parallel.put_batch(batch, self.mesh))
       sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
       progress.update(i + 1)
@@ -120,8 +122,8 @@ def _define_flags():
 def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: pass --config (the file used for '
-                            'training)')
+    raise ConfigError(f'{path} not found', hint='pass --config (the file used for '
+                      'training), or check --workdir')
   with open(path) as f:
     saved = json.load(f)
   config = defaults.get_default_config()
@@ -160,17 +162,28 @@ def run(config, workdir: str, *, checkpoint: str = 'best', split: str = 'val',
   store = ckpt_lib.CheckpointStore(workdir, read_only=True, num_items=data.num_items,
                                    mesh=mesh)
   step = store.resolve(checkpoint)
+  others = [s for s in store.all_steps() if s != step]
   shard_items = bool(config.mesh.shard_items)
   model = model_lib.build(data.num_items, data.num_behaviors, config.model,
                           config.model.precision,
                           parallel.table_rows(data.num_items, mesh, shard_items))
   target = steps.param_target(model, mesh, int(config.data.max_len), shard_items)
-  meta = store.read_meta(step)
-  if meta.get('num_items') not in (None, data.num_items):
-    raise ValueError(f'checkpoint {step} was made for {meta["num_items"]:,} items but '
-                     f'{config.data.path} has {data.num_items:,}: point data.path at the '
-                     'data set the model was trained on')
-  params = store.restore(step, params_target=target)['params']
+  try:
+    meta = store.read_meta(step)
+    if meta.get('num_items') not in (None, data.num_items):
+      raise ConfigError(f'checkpoint {step} was made for {meta["num_items"]:,} items but '
+                        f'{config.data.path} has {data.num_items:,}',
+                        field='config.data.path',
+                        hint='point data.path at the data set the model was trained on')
+    params = store.restore(step, params_target=target)['params']
+  except CheckpointError as e:
+    best = store.best_step()
+    alternative = ('--checkpoint best' + (f' (step {best})' if best is not None else '')
+                   if best is not None and best != step else
+                   f'--checkpoint {others[-1]}' if others else None)
+    raise CheckpointError(e.message, step=step, hint=(
+        f'the checkpoint is left as it is; try {alternative}' if alternative else
+        'the checkpoint is left as it is; it is the only one in this workdir')) from None
   evaluator = Evaluator(data, config, model, mesh, verbose=False)
   start = time.perf_counter()
   result = evaluator.evaluate(params, split)
@@ -179,17 +192,12 @@ def run(config, workdir: str, *, checkpoint: str = 'best', split: str = 'val',
               seconds=round(time.perf_counter() - start, 3), metrics=result)
 
 
+@cli.main
 def main(argv):
   del argv
-  run_log.quiet_libraries()
-  try:
-    config = FLAGS.config if FLAGS.config is not None else \
-        config_from_workdir(FLAGS.workdir)
-    out = run(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, split=FLAGS.split,
-              protocol=FLAGS.protocol)
-  except (DataError, FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  config = cli.config_from_flag() or config_from_workdir(FLAGS.workdir)
+  out = run(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, split=FLAGS.split,
+            protocol=FLAGS.protocol)
   if jax.process_index() != 0:
     return
   if FLAGS.json:

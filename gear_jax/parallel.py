@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from gear_jax.errors import ConfigError
+
 DATA, MODEL = 'data', 'model'
 
 
@@ -56,26 +58,31 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   n = len(devices)
   if model < 1 or n % model:
-    raise ValueError(f'mesh.model={model} does not divide the {n} devices')
+    raise ConfigError(f'mesh.model={model} does not divide the {n} devices',
+                      field='config.mesh.model')
   if data == -1:
     data = n // model
   if data * model < n and jax.process_count() == 1:
     devices = devices[:data * model]  # a single process may use fewer devices
   elif data * model != n:
-    raise ValueError(f'mesh.data={data} x mesh.model={model} != {n} devices; '
-                     'use mesh.data=-1 to take all devices')
+    raise ConfigError(f'mesh.data={data} x mesh.model={model} != {n} devices',
+                      field='config.mesh.data', hint='use mesh.data=-1 to take all '
+                      'devices')
   return jax.make_mesh((data, model), (DATA, MODEL), devices=devices,
                        axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def param_shardings(params, mesh: Mesh, shard_items: bool):
-  """Replicated parameters; with `shard_items` the item table's rows over 'model'."""
+def state_shardings(tree, mesh: Mesh, shard_items: bool):
+  """Shardings of parameters or of any state that mirrors them (Adam moments,
+  accumulated gradients): replicated, except with `shard_items` every item table
+  (a 2-D leaf at .../item_emb/embedding) by rows over 'model'. Pinning the optimizer
+  state to the same rule keeps the compiled train step's input and output shardings
+  identical, step after step."""
   def spec(path, x):
-    names = [getattr(p, 'key', '') for p in path]
-    if shard_items and names[:1] == ['item_emb'] and x.ndim == 2:
+    if shard_items and _is_table(path) and len(x.shape) == 2:
       return NamedSharding(mesh, P(MODEL, None))
     return NamedSharding(mesh, P())
-  return jax.tree_util.tree_map_with_path(spec, params)
+  return jax.tree_util.tree_map_with_path(spec, tree)
 
 
 # -- the item table sharded over 'model' ---------------------------------------------
@@ -162,8 +169,9 @@ def abstract_batch(example: dict[str, np.ndarray], mesh: Mesh,
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
   data = mesh.shape[DATA]
   if batch_size % data or batch_size % jax.process_count():
-    raise ValueError(f'{what}={batch_size} must be divisible by the data axis ({data} '
-                     f'devices) and the process count ({jax.process_count()})')
+    raise ConfigError(f'{batch_size} must be divisible by the data axis ({data} '
+                      f'devices) and the process count ({jax.process_count()})',
+                      field=f'config.{what}')
 
 
 def to_host(x) -> np.ndarray:
@@ -175,3 +183,10 @@ def to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across processes (nothing to do in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -64,27 +64,35 @@ def read_metrics(workdir: str) -> list[dict]:
   return out
 
 
+def _scalars_of(record: dict) -> dict[str, float]:
+  return {k: v for k, v in record.items() if '/' in k and isinstance(v, (int, float))}
+
+
 class RunLog:
   """Writes the workdir record; a no-op on processes other than 0."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
     self.workdir, self.enabled = workdir, enabled
-    self._tb = None
+    self._tensorboard = tensorboard
+    self._tb = None  # the events file is opened with the first scalar written
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      if tensorboard:
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        self._tb = EventFileWriter(os.path.join(workdir, 'tensorboard'))
 
   def write_config(self, config_dict: dict) -> None:
     if self.enabled:
       write_json(os.path.join(self.workdir, 'config.json'), config_dict)
 
-  def truncate_metrics(self, before_epoch: int) -> None:
-    """Keeps only the records of epochs < before_epoch (the resumed state)."""
+  def truncate_metrics(self, before_epoch: int, last: dict | None = None) -> None:
+    """Keeps only the records of epochs < before_epoch (the resumed state). `last`,
+    the record saved in the resumed checkpoint, is appended when the file lacks it
+    (a run killed after the checkpoint was committed but before its line was
+    written)."""
     if not self.enabled:
       return
     kept = [r for r in read_metrics(self.workdir) if r.get('epoch', -1) < before_epoch]
+    if last is not None and all(r.get('epoch') != last.get('epoch') for r in kept):
+      kept.append(last)
+      self.scalars(last['step'], _scalars_of(last))
     atomic_write_text(os.path.join(self.workdir, 'metrics.jsonl'),
                       ''.join(json.dumps(r, default=_plain) + '\n' for r in kept))
 
@@ -95,13 +103,15 @@ class RunLog:
       f.write(json.dumps(record, default=_plain) + '\n')
       f.flush()
       os.fsync(f.fileno())
-    self.scalars(record['step'], {k: v for k, v in record.items()
-                                  if '/' in k and isinstance(v, (int, float))})
+    self.scalars(record['step'], _scalars_of(record))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
-    if not (self.enabled and self._tb):
+    if not (self.enabled and self._tensorboard):
       return
     from tensorboard.compat.proto import event_pb2, summary_pb2
+    if self._tb is None:
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      self._tb = EventFileWriter(os.path.join(self.workdir, 'tensorboard'))
     summary = summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
     self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),

@@ -65,7 +65,7 @@ def param_target(model: model_lib.GEAR, mesh, max_len: int, shard_items: bool):
   """Shapes, dtypes and shardings of the parameters on `mesh` (restore targets)."""
   shapes = jax.eval_shape(functools.partial(model_lib.init_params, model,
                                             max_len=max_len), jax.random.PRNGKey(0))
-  shardings = parallel.param_shardings(shapes, mesh, shard_items)
+  shardings = parallel.state_shardings(shapes, mesh, shard_items)
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
@@ -75,13 +75,17 @@ def create_state(model: model_lib.GEAR, tx: optax.GradientTransformation, mesh, 
   """The initial training state, created directly with its shardings on `mesh`.
 
   Parameters come from fold_in(PRNGKey(seed), 0), the dropout base key from
-  `dropout_base_key(seed)`; the optimizer state inherits the parameters' shardings."""
+  `dropout_base_key(seed)`; the optimizer state is sharded like the parameters
+  (`parallel.state_shardings`)."""
   target = param_target(model, mesh, max_len, shard_items)
   init = jax.jit(functools.partial(model_lib.init_params, model, max_len=max_len),
                  out_shardings=jax.tree_util.tree_map(lambda x: x.sharding, target))
   params = init(jax.random.fold_in(jax.random.PRNGKey(seed), 0))
-  return jax.jit(functools.partial(init_state, tx=tx))(params,
-                                                       rng=dropout_base_key(seed))
+  rng = dropout_base_key(seed)
+  make = functools.partial(init_state, tx=tx)
+  shapes = jax.eval_shape(make, params, rng=rng)
+  shardings = parallel.state_shardings(shapes, mesh, shard_items)
+  return jax.jit(make, out_shardings=shardings)(params, rng=rng)
 
 
 def gear_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,

@@ -5,7 +5,7 @@ and state_dict names, so that it loads the parity fixture directly.
 
   # numerical parity against the reference fixture (exit 1 on failure)
   TORCH_PYTHON scripts/reference_torch.py --verify \
-      [../shared/fixtures/gear_reference_small.npz]
+      [tests/fixtures/gear_reference_small.npz]
 
   # timing: training step (forward + loss + backward + Adam) and evaluation scoring
   TORCH_PYTHON scripts/reference_torch.py [--items 99037] [--batch 128]
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ../shared next to the checkout, as for the tests (tests/conftest.py)
-DEFAULT_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
-                               'shared', 'fixtures', 'gear_reference_small.npz')
+# the repository's parity fixture, as for the tests (tests/conftest.py)
+DEFAULT_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests',
+                               'fixtures', 'gear_reference_small.npz')
 
 
 def encoder_layer(d: int, n_head: int, dropout: float) -> nn.TransformerEncoderLayer:

@@ -8,10 +8,9 @@ import tempfile
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / 'shared'
-FIXTURE = SHARED / 'fixtures' / 'gear_reference_small.npz'
-SYNTH6K = SHARED / 'bench' / 'synth6k' / 'retail.txt'
-MARKOV3K = SHARED / 'bench' / 'markov3k' / 'retail.txt'
+FIXTURE = REPO / 'tests' / 'fixtures' / 'gear_reference_small.npz'
+SYNTH6K = REPO / 'tests' / 'data' / 'synth6k' / 'retail.txt.gz'
+MARKOV3K = REPO / 'tests' / 'data' / 'markov3k' / 'retail.txt.gz'
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Tests compile many small programs: LLVM at -O0 halves XLA:CPU compile time (results
@@ -21,13 +20,6 @@ os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='gear_xla_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
-
-
-def require(path: pathlib.Path) -> pathlib.Path:
-  """The shared reference file, or a skip when the checkout has no ../shared."""
-  if not path.exists():
-    pytest.skip(f'{path} not available (expects the shared folder beside the repo)')
-  return path
 
 
 @pytest.fixture(autouse=True, scope='session')

@@ -91,7 +91,7 @@ def collectives(num_items: int = 4002) -> dict:
 def checkpoint(workdir: str, data_path: str, cache: str) -> dict:
   """Trains on an 8x1 mesh, then evaluates the best checkpoint on other meshes."""
   import importlib.util
-  from gear_jax import evaluate, train
+  from gear_jax import evaluate, trainer
   spec = importlib.util.spec_from_file_location('cfg', 'configs/test.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -99,7 +99,7 @@ def checkpoint(workdir: str, data_path: str, cache: str) -> dict:
   config.data.path, config.data.cache_dir = data_path, cache
   config.train.num_epochs = 2
   config.mesh.data, config.mesh.model = 8, 1
-  summary = train.train_and_evaluate(config, workdir)
+  summary = trainer.train_and_evaluate(config, workdir)
   out = {'summary': summary['best_val']}
   for name, (data, model_axis, shard_items) in MESHES.items():
     config.mesh.data, config.mesh.model, config.mesh.shard_items = data, model_axis, shard_items

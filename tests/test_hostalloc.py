@@ -68,7 +68,7 @@ def test_import_changes_nothing():
 
 def test_train_and_evaluate_configures_first(monkeypatch, tmp_path):
   """The settings are applied before anything else of a run (config checks, devices)."""
-  from gear_jax import defaults, hostalloc, train
+  from gear_jax import defaults, hostalloc, trainer
   calls = []
 
   def validate(config):
@@ -78,5 +78,5 @@ def test_train_and_evaluate_configures_first(monkeypatch, tmp_path):
   monkeypatch.setattr(hostalloc, 'configure', lambda: calls.append('configure') or {})
   monkeypatch.setattr(defaults, 'validate_config', validate)
   with pytest.raises(ValueError, match='stop here'):
-    train.train_and_evaluate(defaults.get_default_config(), str(tmp_path))
+    trainer.train_and_evaluate(defaults.get_default_config(), str(tmp_path))
   assert calls == ['configure', 'validate']

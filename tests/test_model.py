@@ -9,9 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import FIXTURE, require, run_module
+from conftest import FIXTURE, run_module
 from gear_jax import convert, steps
 from gear_jax import model as M
+from gear_jax.data import DataError
 
 HIGHEST = jax.lax.Precision.HIGHEST
 TOL = 1e-4
@@ -19,7 +20,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope='module')
 def ref():
-  with np.load(require(FIXTURE)) as z:
+  with np.load(FIXTURE) as z:
     arrays = {k: z[k] for k in z.files}
   state, inputs, outputs, grads, cfg = convert.split_arrays(arrays)
   return dict(params=convert.torch_to_params(state), inputs=inputs, outputs=outputs,
@@ -97,7 +98,7 @@ def test_fixture_adam_step(ref):
 
 
 def test_convert_cli_verify(tmp_path):
-  out = run_module('gear_jax.convert', '--input', str(require(FIXTURE)),
+  out = run_module('gear_jax.convert', '--input', str(FIXTURE),
                    '--output', str(tmp_path / 'conv'), '--verify')
   assert out.returncode == 0, out.stderr
   report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -113,7 +114,7 @@ def test_convert_cli_verify(tmp_path):
 
 
 def test_convert_verify_fails_on_wrong_weights(tmp_path):
-  with np.load(require(FIXTURE)) as z:
+  with np.load(FIXTURE) as z:
     arrays = {k: z[k] for k in z.files}
   # one element (a shift of the whole bias would vanish in the LayerNorm after it)
   arrays['param/upper_transformer.1.linear2.bias'][3] += 0.01
@@ -156,8 +157,9 @@ def test_ckpt_without_torch_explains_the_export(tmp_path):
     pass
   fake = tmp_path / 'model.ckpt'
   fake.write_bytes(b'not really')
-  with pytest.raises(SystemExit, match='np.savez'):
+  with pytest.raises(DataError, match='needs torch') as e:
     convert.read_reference(str(fake))
+  assert 'np.savez' in e.value.hint and str(fake) in str(e.value)
 
 
 # -- structure, with prime sizes -----------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import SYNTH6K, require, run_module
+from conftest import SYNTH6K, run_module
 from gear_jax.data import preprocess, readers
 from gear_jax.data.errors import DataError
 
@@ -184,13 +184,13 @@ def test_cache_with_inconsistent_arrays_is_rebuilt(write, tmp_path):
 # -- the published counts -----------------------------------------------------------------
 
 def test_stats_cli_matches_reference_counts_on_synth6k(tmp_path):
-  path = require(SYNTH6K)
+  path = SYNTH6K
   out = run_module('gear_jax.data.stats', '--config', 'configs/retail.py',
                    f'--config.data.path={path}', f'--config.data.cache_dir={tmp_path}',
                    '--json')
   assert out.returncode == 0, out.stderr
   s = json.loads(out.stdout)
-  # ../shared/bench/README.md, reference preprocessing (min_uc 3, target buy, val)
+  # tests/data/README.md, reference preprocessing (min_uc 3, target buy, val)
   assert (s['num_users'], s['num_items'], s['num_interactions'], s['num_val_users']) == \
       (6000, 3988, 178674, 3745)
   assert s['behavior_counts'] == {'pv': 134719, 'fav': 10286, 'cart': 15709, 'buy': 17960}

@@ -1,4 +1,7 @@
-"""Raw readers: each format, and each kind of bad input named by file, line and field."""
+"""Raw readers: each format, gzip input, and each kind of bad input named by file, line
+and field."""
+
+import gzip
 
 import numpy as np
 import pytest
@@ -82,6 +85,52 @@ def test_blocks_keep_line_numbers(write, monkeypatch):
   path = write('ok.txt', '\n'.join(lines) + '\n')
   r = readers.read_interactions(path, readers.TSV, BEHAVIORS)
   assert len(r) == 200 and r.timestamp[-1] == 1199 and r.user.tolist() == list(range(200))
+
+
+# -- gzip-compressed input ---------------------------------------------------------------
+
+def _lines(n: int) -> list[str]:
+  beh = ('pv', 'fav', 'cart', 'buy')
+  return [f'{u % 37}\t{(u * 7) % 101}\t{beh[u % 4]}\t{1000 + u}' for u in range(n)]
+
+
+@pytest.mark.parametrize('block_bytes', [64, 1 << 20])
+def test_gzip_file_reads_like_the_plain_file(write, monkeypatch, block_bytes):
+  monkeypatch.setattr(readers, '_BLOCK_BYTES', block_bytes)  # 64: lines split across
+  lines = _lines(300)
+  lines[5] = 'u007\titem-9\tcart\t42'  # string ids
+  # CRLF lines, a blank line, no final newline
+  text = ('\r\n'.join(lines[:100]) + '\r\n\n' + '\n'.join(lines[100:])).encode()
+  plain = readers.read_interactions(write('r.txt', text), readers.TSV, BEHAVIORS)
+  path = write('r.txt.gz', gzip.compress(text))
+  packed = readers.read_interactions(path, readers.TSV, BEHAVIORS)
+  assert len(packed) == len(plain) == 300 and packed.path == path
+  for name in ('user', 'item', 'behavior', 'timestamp'):
+    a, b = getattr(plain, name), getattr(packed, name)
+    assert a.dtype == b.dtype and np.array_equal(a, b), name
+  assert packed.behaviors == plain.behaviors
+
+
+def test_gzip_file_errors_name_the_gz_file_and_line(write, monkeypatch):
+  monkeypatch.setattr(readers, '_BLOCK_BYTES', 64)
+  lines = _lines(200)
+  lines[157] = '157\t257\tpv\tsoon'
+  path = write('r.txt.gz', gzip.compress(('\n'.join(lines) + '\n').encode()))
+  e = _error(path)
+  assert (e.path, e.line, e.field) == (path, 158, 'timestamp')
+  assert 'r.txt.gz:158' in str(e) and "'soon'" in str(e)
+  lines[157] = '157\t257\tpv\t1157'
+  lines[190] = '190\t290\tpv'
+  e = _error(write('s.txt.gz', gzip.compress(('\n'.join(lines) + '\n').encode())))
+  assert e.line == 191 and 's.txt.gz:191' in str(e) and 'found 3' in str(e)
+
+
+def test_damaged_gzip_file_is_a_data_error(write):
+  e = _error(write('plain.txt.gz', '1\t10\tpv\t100\n'))  # not compressed at all
+  assert 'plain.txt.gz' in str(e) and 'decompress' in str(e) and 'gzip' in str(e)
+  whole = gzip.compress(('\n'.join(_lines(50)) + '\n').encode())
+  e = _error(write('cut.txt.gz', whole[:len(whole) // 2]))  # truncated
+  assert 'cut.txt.gz' in str(e) and 'decompress' in str(e)
 
 
 # -- bad input -------------------------------------------------------------------------

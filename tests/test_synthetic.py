@@ -233,13 +233,14 @@ def test_ensure_dataset_writes_once(tmp_path, capsys):
   path = tmp_path / 'data' / 'test.txt'
   got = synthetic.ensure_dataset(path, **TEST, seed=0)
   assert got == path and path.is_file()
-  out = capsys.readouterr().out
-  assert out.count('\n') == 1 and 'generated' in out and str(path) in out
+  out = capsys.readouterr()
+  assert out.out == ''  # stdout stays clean for --json consumers
+  assert out.err.count('\n') == 1 and 'generated' in out.err and str(path) in out.err
   expected = synthetic.write_tsv(tmp_path / 'ref.txt', synthetic.generate(**TEST, seed=0))
   assert _sha(path) == _sha(expected)
   # an existing file is reused as it is, silently
   path.write_text('1\t1\tpv\t1500000000\n')
   again = synthetic.ensure_dataset(path, **TEST, seed=0)
   assert again == path and path.read_text() == '1\t1\tpv\t1500000000\n'
-  assert capsys.readouterr().out == ''
+  assert capsys.readouterr() == ('', '')
   assert os.listdir(tmp_path / 'data') == ['test.txt']  # no temp files left

@@ -14,8 +14,9 @@ import pytest
 
 from conftest import REPO, run_module
 from gear_jax import checkpoint as ckpt_lib
-from gear_jax import evaluate, run_log, steps, train
+from gear_jax import evaluate, run_log, steps, trainer
 from gear_jax.data import DataError
+from gear_jax.errors import ConfigError, TrainingDiverged
 
 TIMING_KEYS = ('train_s', 'eval_s', 'train/seq_per_s')
 
@@ -60,7 +61,7 @@ def metrics_without_timing(workdir):
 def baseline(data_dir, tmp_path_factory):
   """One uninterrupted 4-epoch run that the other tests compare with."""
   workdir = tmp_path_factory.mktemp('baseline')
-  summary = train.train_and_evaluate(make_config(data_dir), str(workdir))
+  summary = trainer.train_and_evaluate(make_config(data_dir), str(workdir))
   return workdir, summary
 
 
@@ -116,9 +117,9 @@ def test_resume_after_sigkill_mid_epoch(baseline, data_dir, tmp_path):
   config = make_config(data_dir)
   steps_per_epoch = run_log.read_metrics(str(workdir))[0]['step']
   kill_at = 2 * steps_per_epoch + steps_per_epoch // 2  # in the middle of epoch 2
-  killed = run_module('gear_jax.train', '--config', 'configs/test.py', '--workdir',
-                      str(tmp_path), *cli_args(config),
-                      env={'GEAR_JAX_KILL_AT_STEP': str(kill_at)})
+  killed = run_module('tests.fault_runner', '--at_step', str(kill_at), '--signal', 'KILL',
+                      'gear_jax.train', '--', '--config', 'configs/test.py', '--workdir',
+                      str(tmp_path), *cli_args(config))
   assert killed.returncode == -9, killed.stderr[-2000:]
   done = [r['epoch'] for r in run_log.read_metrics(str(tmp_path))]
   assert done and done[-1] <= 1  # epoch 2 never finished
@@ -133,34 +134,37 @@ def test_resume_after_sigkill_mid_epoch(baseline, data_dir, tmp_path):
 
 def test_extend_a_finished_run(baseline, data_dir, tmp_path):
   workdir, summary = baseline
-  short = train.train_and_evaluate(make_config(data_dir, train__num_epochs=2),
+  short = trainer.train_and_evaluate(make_config(data_dir, train__num_epochs=2),
                                    str(tmp_path))
   assert short['epochs_run'] == 2
-  longer = train.train_and_evaluate(make_config(data_dir), str(tmp_path))
+  longer = trainer.train_and_evaluate(make_config(data_dir), str(tmp_path))
   assert metrics_without_timing(tmp_path) == metrics_without_timing(workdir)
   assert longer['best_val'] == summary['best_val']
   assert longer['best_epoch'] == summary['best_epoch']
 
 
 def test_resume_refuses_a_different_config(baseline, data_dir, tmp_path):
-  train.train_and_evaluate(make_config(data_dir, train__num_epochs=1), str(tmp_path))
+  trainer.train_and_evaluate(make_config(data_dir, train__num_epochs=1), str(tmp_path))
   with pytest.raises(ValueError, match='model.d_model'):
-    train.train_and_evaluate(make_config(data_dir, model__d_model=16), str(tmp_path))
+    trainer.train_and_evaluate(make_config(data_dir, model__d_model=16), str(tmp_path))
 
 
-def test_nan_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize('poison', ['loss', 'grad_norm'])
+def test_nan_stops_and_keeps_good_checkpoints(data_dir, tmp_path, monkeypatch, poison):
+  # a non-finite gradient with a finite loss must not be saved either
   config = make_config(data_dir)
   real_step = steps.train_step
   nan_from = 13  # in epoch 1 (10 steps per epoch)
 
   def poisoned(state, batch, **kw):
     new_state, aux = real_step(state, batch, **kw)
-    aux['loss'] = jnp.where(state.step >= nan_from, jnp.nan, aux['loss'])
+    aux[poison] = jnp.where(state.step == nan_from, jnp.nan, aux[poison])
     return new_state, aux
 
   monkeypatch.setattr(steps, 'train_step', poisoned)
-  with pytest.raises(FloatingPointError, match='loss is nan') as e:
-    train.train_and_evaluate(config, str(tmp_path))
+  match = 'loss is nan' if poison == 'loss' else '1 step.* non-finite gradient norm'
+  with pytest.raises(TrainingDiverged, match=match) as e:
+    trainer.train_and_evaluate(config, str(tmp_path))
   assert 'intact' in str(e.value)
   records = run_log.read_metrics(str(tmp_path))
   assert [r['epoch'] for r in records] == [0]
@@ -188,14 +192,14 @@ def test_steps_compile_once(data_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(steps, 'eval_step', counted_eval)
   config = make_config(data_dir, train__num_epochs=3)
   config.eval.batch_size = 48  # the last evaluation batch is partial too
-  train.train_and_evaluate(config, str(tmp_path))
+  trainer.train_and_evaluate(config, str(tmp_path))
   # 300 users / batch 32: every epoch ends with a partial batch, padded, no retrace
   assert traces == {'train': 1, 'eval': 1}
 
 
 def test_val_test_split(data_dir, tmp_path):
   config = make_config(data_dir, data__split='val_test', train__num_epochs=2)
-  summary = train.train_and_evaluate(config, str(tmp_path))
+  summary = trainer.train_and_evaluate(config, str(tmp_path))
   assert set(summary['test']) >= {'test/NDCG@10', 'test/Recall@10', 'test/MRR'}
   out = evaluate.run(config, str(tmp_path), checkpoint='best', split='test')
   assert out['metrics'] == summary['test']
@@ -214,11 +218,12 @@ def test_config_is_validated():
   from gear_jax import defaults
   config = load_config()
   config.eval.monitor = 'val/NDCG@7'
-  with pytest.raises(DataError, match='monitor'):
+  with pytest.raises(ConfigError, match='monitor') as e:
     defaults.validate_config(config)
+  assert not isinstance(e.value, DataError)  # a config error is not a data error
   config = load_config()
   config.model.precision = 'fp8'
-  with pytest.raises(DataError, match='precision'):
+  with pytest.raises(ConfigError, match='precision'):
     defaults.validate_config(config)
 
 

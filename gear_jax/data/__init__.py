@@ -34,10 +34,12 @@ def load_dataset(data_config) -> tuple[GearData, LoadInfo]:
     synthetic.ensure_dataset(path, num_users=int(syn.num_users),
                              num_items=int(syn.num_items), seed=int(syn.seed))
   elif not os.path.isfile(path):
+    generate = ('add --config.data.synthetic.enabled=True to generate a synthetic data '
+                'set at that path' if int(syn.num_users) > 0 else
+                'or try configs/demo.py, which generates a synthetic data set offline')
     raise DataError('file not found', path=path, field='config.data.path',
-                    hint='download the published file there (see README, "Data"), '
-                    'pass --config.data.path=FILE, or try configs/demo.py, which '
-                    'generates a synthetic data set offline')
+                    hint='check the path; download the published file there (see '
+                    'README, "Data") or pass --config.data.path=FILE; ' + generate)
   fmt = preprocess.format_from_config(data_config)
   settings = preprocess.settings_from_config(data_config)
   return preprocess.load(path, fmt, settings, cache_dir=_cache_dir(data_config))

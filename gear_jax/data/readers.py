@@ -11,12 +11,17 @@ Formats (``config.data.format``):
 - ``csv``: any delimited file; columns by header name or 0-based position, optional
   header, a behavior-name mapping and the timestamp unit (see `FileFormat`).
 Quoted fields are not supported (none of the published files uses quoting).
+
+A path ending in ``.gz`` is gzip-compressed and decompressed while it is read, block by
+block (never whole in memory); line numbers in errors count decompressed lines.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -96,7 +101,10 @@ class RawInteractions:
 
 def read_interactions(path: str | os.PathLike, fmt: FileFormat,
                       behaviors: Sequence[str]) -> RawInteractions:
-  """Reads `path` in format `fmt`; behavior values must map into `behaviors`."""
+  """Reads `path` in format `fmt`; behavior values must map into `behaviors`.
+
+  A `path` ending in ``.gz`` is read through gzip, streamed block by block.
+  """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise DataError('file not found', path=path, field='data.path',
@@ -110,11 +118,12 @@ def read_interactions(path: str | os.PathLike, fmt: FileFormat,
   behaviors = tuple(behaviors)
   parser = _BlockParser(path, fmt, behaviors)
   parts = []
-  with open(path, 'rb') as f:
+  compressed = path.lower().endswith('.gz')
+  with (gzip.open(path, 'rb') if compressed else open(path, 'rb')) as f:
     carry = b''
     line_no = 1
     while True:
-      chunk = f.read(_BLOCK_BYTES)
+      chunk = _read_block(f, path, line_no) if compressed else f.read(_BLOCK_BYTES)
       data = carry + chunk
       if not chunk:
         if data and not data.endswith(b'\n'):
@@ -146,6 +155,17 @@ def read_interactions(path: str | os.PathLike, fmt: FileFormat,
       behavior=np.concatenate([p['behavior'] for p in parts]),
       timestamp=np.concatenate([p['timestamp'] for p in parts]),
       behaviors=behaviors, path=path)
+
+
+def _read_block(f, path: str, line_no: int) -> bytes:
+  """The next block of decompressed bytes; a damaged .gz file is a DataError."""
+  try:
+    return f.read(_BLOCK_BYTES)
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    where = f' after line {line_no - 1}' if line_no > 1 else ''
+    raise DataError(f'cannot decompress{where}: {e}', path=path, field='data.path',
+                    hint='the file ends in .gz but is not a complete gzip file; '
+                    'check it with gzip -t, or give the uncompressed file') from None
 
 
 class _BlockParser:
@@ -191,6 +211,15 @@ class _BlockParser:
     text = bytes(buf[s:min(e, s + 160)]).decode('utf-8', 'replace')
     return text + ('...' if e - s > 160 else '')
 
+  @staticmethod
+  def _shown(buf, s, e, limit: int = 80) -> str:
+    """Raw bytes of an input line for an error message: quoted, cut to `limit`
+    bytes, undecodable bytes and control characters escaped (never sent raw to a
+    terminal)."""
+    text = bytes(buf[s:min(e, s + limit)]).decode('utf-8', 'backslashreplace')
+    text = ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return f"'{text}'" + ('...' if e - s > limit else '')
+
   def parse(self, buf: np.ndarray, first_line: int):
     """Returns (columns or None, number of lines in `buf`)."""
     nl = np.flatnonzero(buf == 10)
@@ -231,7 +260,7 @@ class _BlockParser:
       name = {9: 'TAB', 44: 'comma'}.get(self.delim, repr(chr(self.delim)))
       raise self._error(
           f'expected {self.num_fields} fields separated by {name}, found '
-          f'{counts[i] + 1}: {self._line_text(buf, starts[i], ends[i])!r}',
+          f'{counts[i] + 1}: {self._shown(buf, starts[i], ends[i])}',
           line_nos[i], hint='check data.format (tsv: user item behavior timestamp; '
           'taobao: user,item,category,behavior,timestamp; csv: see data.csv)')
     nf = self.num_fields
@@ -255,7 +284,7 @@ class _BlockParser:
     if not ok.all():
       i = np.flatnonzero(~ok)[0]
       raise self._error(
-          f'timestamp {self._line_text(buf, fs[i], fe[i])!r} is not a non-negative '
+          f'timestamp {self._shown(buf, fs[i], fe[i])} is not a non-negative '
           'integer', line_nos[i], field='timestamp',
           hint='timestamps must be integers (seconds, or milliseconds with '
           'data.csv.timestamp_unit=ms); if the file has a header use '

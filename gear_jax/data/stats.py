@@ -11,13 +11,13 @@ num_test_users in val_test, behavior_counts, seq_len statistics, preprocess_seco
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from gear_jax.data import DataError, load_dataset, load_negatives, preprocess
+from gear_jax import cli
+from gear_jax.data import load_dataset, load_negatives, preprocess
 
 FLAGS = flags.FLAGS
 
@@ -68,14 +68,11 @@ def _print_table(s: dict) -> None:
   print(f'  {how} in {s["preprocess_seconds"]:.2f}s')
 
 
+@cli.main
 def main(argv):
   del argv
-  try:
-    stats = compute(FLAGS.config, use_cache=not FLAGS.no_cache,
-                    with_negatives=FLAGS.negatives)
-  except DataError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  stats = compute(cli.config_from_flag(), use_cache=not FLAGS.no_cache,
+                  with_negatives=FLAGS.negatives)
   if FLAGS.json:
     print(json.dumps(stats))
   else:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -420,7 +421,7 @@ def ensure_dataset(path: str | os.PathLike, *, num_users: int, num_items: int,
   s = summarize(cols)
   print(f'generated synthetic data set {path}: {s["users"]:,} users, {s["items"]:,} '
         f'items, {s["interactions"]:,} interactions (seed {seed}) in '
-        f'{time.perf_counter() - t0:.1f} s', flush=True)
+        f'{time.perf_counter() - t0:.1f} s', file=sys.stderr, flush=True)
   return path
 
 

@@ -1,0 +1,405 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+input -> model -> update -> checkpoints -> evaluation -> the epoch loop with early
+stopping on the monitored validation metric. Starting in a workdir that already holds
+checkpoints resumes from the newest readable one (same batches, same dropout masks,
+same metrics as an uninterrupted run); raising ``train.num_epochs`` extends a finished
+run. The run holds the workdir's lock (`gear_jax.lock`) from start to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gear_jax import checkpoint as ckpt_lib
+from gear_jax import defaults, hostalloc, parallel, run_log, steps
+from gear_jax import model as model_lib
+from gear_jax.data import load_dataset
+from gear_jax.data import pipeline as pipeline_lib
+from gear_jax.errors import (CheckpointError, ConfigError, Interrupted, ResumeRefused,
+                             TrainingDiverged)
+from gear_jax.evaluate import Evaluator
+from gear_jax.lock import WorkdirLock
+
+# Config keys that may change when a run is resumed in the same workdir; any other
+# difference means a different experiment and is refused.
+RESUMABLE_KEYS = ('train.num_epochs', 'train.patience', 'train.log_every',
+                  'data.threads', 'data.cache', 'data.cache_dir', 'data.path',
+                  'data.synthetic.enabled', 'eval.batch_size', 'mesh.', 'distributed.')
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+  """Mode-max early stopping; a new best needs a strict improvement."""
+  patience: int
+  best: float = -math.inf
+  best_epoch: int = -1
+  best_step: int = -1
+  bad_epochs: int = 0
+  best_metrics: dict = dataclasses.field(default_factory=dict)
+
+  def update(self, value: float, epoch: int, step: int, metrics: dict) -> bool:
+    """Records an epoch's monitored value; returns whether it is a new best."""
+    if value > self.best:
+      self.best, self.best_epoch, self.best_step = value, epoch, step
+      self.best_metrics, self.bad_epochs = dict(metrics), 0
+      return True
+    self.bad_epochs += 1
+    return False
+
+  @property
+  def should_stop(self) -> bool:
+    return self.bad_epochs >= self.patience
+
+  def state(self) -> dict:
+    return dict(best=self.best, best_epoch=self.best_epoch, best_step=self.best_step,
+                bad_epochs=self.bad_epochs, best_metrics=self.best_metrics)
+
+
+def flat_config(config) -> dict:
+  """{'model.d_model': 32, ...} of a ConfigDict or a plain nested dict."""
+  out = {}
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(v, f'{prefix}{k}.')
+      else:
+        out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+  walk(config if isinstance(config, dict) else config.to_dict(), '')
+  return out
+
+
+def check_resumable(saved: dict, config) -> None:
+  """Refuses to resume a workdir whose run used a different configuration."""
+  old, new = flat_config(saved), flat_config(config)
+  changed = [k for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)
+             and not any(k == r or (r.endswith('.') and k.startswith(r))
+                         for r in RESUMABLE_KEYS)]
+  if changed:
+    detail = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed[:6])
+    raise ResumeRefused(f'the workdir holds a run with a different config ({detail})',
+                        hint='use a new --workdir, or the same config to resume it')
+
+
+def _log(msg: str, *, err: bool = False) -> None:
+  if jax.process_index() == 0:
+    print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything one run holds between its phases."""
+  config: Any
+  workdir: str
+  data: Any
+  mesh: Any
+  model: model_lib.GEAR
+  state: steps.TrainState
+  train_step: Any  # compiled
+  train_batches: pipeline_lib.TrainBatches
+  iterator: Any
+  evaluator: Evaluator
+  store: ckpt_lib.CheckpointStore
+  log: run_log.RunLog
+  es: EarlyStopping
+  n_params: int
+  start_epoch: int = 0
+  step: int = 0
+  epoch: int = 0
+  epoch_times: list = dataclasses.field(default_factory=list)
+
+
+# -- the phases -------------------------------------------------------------------------
+
+def _build(config, workdir: str) -> _Run:
+  """Data, mesh, model, initial state, the compiled train step, evaluator, store."""
+  data, info = load_dataset(config.data)
+  _log(f'data: {config.data.path}: {data.num_users:,} users, {data.num_items:,} items, '
+       f'{data.num_interactions:,} interactions, {len(data.val_user):,} validation'
+       + (f' / {len(data.test_user):,} test' if data.split == 'val_test' else '')
+       + f' cases ({"cache" if info.from_cache else "parsed"} in {info.seconds:.2f}s)')
+  mesh = parallel.make_mesh(int(config.mesh.data), int(config.mesh.model))
+  seed, batch_size = int(config.seed), int(config.train.batch_size)
+  max_len = int(config.data.max_len)
+  parallel.check_batch_divisible(batch_size, mesh, 'train.batch_size')
+  pidx, pcount = parallel.process_slice()
+  train_batches = pipeline_lib.TrainBatches(data, batch_size, max_len, seed,
+                                            process_index=pidx, process_count=pcount)
+
+  shard_items = bool(config.mesh.shard_items)
+  model = model_lib.build(data.num_items, data.num_behaviors, config.model,
+                          config.model.precision,
+                          parallel.table_rows(data.num_items, mesh, shard_items))
+  tx = steps.make_optimizer(float(config.train.lr), float(config.train.weight_decay),
+                            int(config.train.grad_accum))
+  state = steps.create_state(model, tx, mesh, seed=seed, max_len=max_len,
+                             shard_items=shard_items)
+  n_params = model_lib.count_params(state.params, data.num_items)
+  _log(f'model: GEAR d_model={model.d_model} n_head={model.n_head} '
+       f'n_layer={model.n_layer}, {n_params:,} parameters ({n_params / 1e6:.1f} M), '
+       f'precision {config.model.precision}, mesh {dict(mesh.shape)} on '
+       f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
+
+  # Compiled ahead of time for the one batch shape there is (the last batch of an
+  # epoch is padded), with the state's shardings pinned on both sides, so the loop can
+  # never trigger a recompile and the donated state keeps its layout step after step.
+  state_sh = parallel.state_shardings(state, mesh, shard_items)
+  batch = parallel.abstract_batch(train_batches(0), mesh, pcount)
+  jitted = jax.jit(functools.partial(
+      steps.train_step, model=model, tx=tx, alpha=float(config.train.alpha),
+      loss_impl=config.train.loss, loss_memory_mb=float(config.train.loss_memory_mb),
+      vocab_shards=mesh.shape[parallel.MODEL] if shard_items else 1),
+      in_shardings=(state_sh, {k: v.sharding for k, v in batch.items()}),
+      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+  t0 = time.perf_counter()
+  train_step = jitted.lower(state, batch).compile()
+  _log(f'compiled the train step in {time.perf_counter() - t0:.1f}s')
+
+  iterator = iter(pipeline_lib.train_pipeline(train_batches,
+                                              num_threads=int(config.data.threads)))
+  return _Run(config=config, workdir=workdir, data=data, mesh=mesh, model=model,
+              state=state, train_step=train_step, train_batches=train_batches,
+              iterator=iterator, evaluator=Evaluator(data, config, model, mesh),
+              store=_open_store(workdir, data.num_items, mesh),
+              log=run_log.RunLog(workdir, enabled=jax.process_index() == 0),
+              es=EarlyStopping(int(config.train.patience)), n_params=n_params)
+
+
+def _no_readable_checkpoint(directory: str, reasons: list[str]) -> CheckpointError:
+  return CheckpointError(
+      f'no readable checkpoint in {directory}: ' + '; '.join(reasons),
+      hint='the damaged checkpoints are left as they are; move '
+      f'{directory} aside to start this run again from scratch, or use a new --workdir')
+
+
+def _open_store(workdir: str, num_items: int, mesh) -> ckpt_lib.CheckpointStore:
+  """The run's checkpoint store. A step whose metrics cannot even be listed is set
+  aside (moved, not deleted) when other steps remain to resume from."""
+  while True:
+    try:
+      return ckpt_lib.CheckpointStore(workdir, num_items=num_items, mesh=mesh)
+    except CheckpointError as e:
+      directory = os.path.join(workdir, 'checkpoints')
+      if e.step is None or len(ckpt_lib.step_dirs(directory)) <= 1:
+        raise _no_readable_checkpoint(directory, [e.message]) from None
+      moved = ckpt_lib.set_aside(workdir, e.step)
+      _log(f'warning: {e.message}; moved it to {moved}', err=True)
+
+
+def _restore(run: _Run, step: int) -> dict:
+  """Reads checkpoint `step` onto the run's shardings (CheckpointError if it can't)."""
+  meta = run.store.read_meta(step)
+  check_resumable(meta['config'], run.config)
+  if meta.get('data_key') != run.data.key:
+    raise ResumeRefused('the data file changed since this run started (its content '
+                        'hash differs)', hint='use a new --workdir')
+  s = run.state
+  restored = run.store.restore(
+      step, params_target=ckpt_lib.abstract(s.params),
+      train_target=ckpt_lib.abstract({'opt_state': s.opt_state, 'step': s.step,
+                                      'rng': s.rng}),
+      iterator=run.iterator)
+  return {**restored, 'meta': meta}
+
+
+def _restore_or_init(run: _Run) -> None:
+  """Resumes from the newest readable checkpoint (latest, else best), or starts fresh.
+
+  An unreadable checkpoint is reported by step with its reason, set aside (moved to
+  <workdir>/damaged_checkpoints/, never deleted) and the next one is tried; when none
+  is readable the run refuses to start."""
+  candidates = []
+  for step in (run.store.latest_step(), run.store.best_step()):
+    if step is not None and step not in candidates:
+      candidates.append(step)
+  failures = []
+  for step in candidates:
+    try:
+      restored = _restore(run, step)
+    except CheckpointError as e:
+      failures.append(e)
+      continue
+    for e in failures:  # the newer, damaged ones: out of the way of the next saves
+      moved = run.store.set_aside(e.step)
+      _log(f'warning: {e.message}; moved it to {moved} and resuming from step '
+           f'{step}', err=True)
+    t = restored['train']
+    run.state = steps.TrainState(params=restored['params'], opt_state=t['opt_state'],
+                                 step=t['step'], rng=t['rng'])
+    run.iterator = restored['data_iter']
+    meta = restored['meta']
+    run.es = EarlyStopping(int(run.config.train.patience), **meta['early_stopping'])
+    run.start_epoch = int(meta['epoch']) + 1
+    run.log.truncate_metrics(run.start_epoch, last=meta.get('metrics'))
+    _log(f'resuming from checkpoint step {step} (epoch {meta["epoch"]}, best '
+         f'{run.config.eval.monitor} {run.es.best:.4f} at epoch {run.es.best_epoch})')
+    break
+  else:
+    if failures:
+      raise _no_readable_checkpoint(run.store.directory, [e.message for e in failures])
+    run.log.truncate_metrics(0)
+  run.step = int(parallel.to_host(run.state.step))
+  run.log.write_config(run.config.to_dict())
+
+
+def _stop_if_requested(run: _Run, stop) -> None:
+  """At a step boundary: after SIGINT / SIGTERM, waits for the checkpoint in flight
+  and raises `Interrupted` with the line that says how to resume."""
+  if stop is None or not stop.requested:
+    return
+  run.store.wait()
+  latest = run.store.latest_step()
+  how = (f'resume from step {latest}' if latest is not None else 'start it again')
+  raise Interrupted(stop.signum, f'interrupted at epoch {run.epoch} step {run.step}; '
+                    f'rerun the same command to {how}')
+
+
+def _check_finite(run: _Run, loss: float, bad_steps: int) -> None:
+  if math.isfinite(loss) and bad_steps == 0:
+    return
+  run.store.wait()
+  what = (f'the training loss is {loss}' if not math.isfinite(loss) else
+          f'{bad_steps} step(s) had a non-finite gradient norm (loss {loss:.4f})')
+  raise TrainingDiverged(
+      f'{what} by step {run.step} (epoch {run.epoch}); stopped without saving. The '
+      f'last good checkpoints are intact (latest step {run.store.latest_step()}, '
+      f'best step {run.store.best_step()}) in {run.store.directory}',
+      hint='try a lower train.lr or model.precision=float32')
+
+
+def _train_epoch(run: _Run, stop) -> dict:
+  """One pass over the training batches; the loss is read every train.log_every steps,
+  with a check that every loss and gradient norm so far was finite."""
+  steps_per_epoch = run.train_batches.batches_per_epoch
+  log_every = max(1, int(run.config.train.log_every))
+  pcount = jax.process_count()
+  is_main = jax.process_index() == 0
+  t0 = time.perf_counter()
+  loss_sum = jnp.zeros((), jnp.float32)
+  bad = jnp.zeros((), jnp.int32)  # steps with a non-finite loss or gradient norm
+  progress = run_log.Progress(steps_per_epoch, f'epoch {run.epoch}', enabled=is_main)
+  sequences = 0
+  for i in range(steps_per_epoch):
+    _stop_if_requested(run, stop)
+    batch = next(run.iterator)
+    sequences += int(batch['mask'].sum()) * pcount
+    run.state, aux = run.train_step(run.state, parallel.put_batch(batch, run.mesh))
+    loss_sum = loss_sum + aux['loss']
+    bad = bad + (~(jnp.isfinite(aux['loss']) & jnp.isfinite(aux['grad_norm']))
+                 ).astype(jnp.int32)
+    run.step += 1
+    if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
+      mean = float(parallel.to_host(loss_sum)) / (i + 1)
+      _check_finite(run, mean, int(parallel.to_host(bad)))
+      if is_main and (i + 1) % log_every == 0:
+        run.log.scalars(run.step, {'train/loss_running': mean})
+      progress.update(i + 1, f'loss {mean:.4f}')
+  progress.close()
+  seconds = time.perf_counter() - t0
+  return {'train/loss': float(parallel.to_host(loss_sum)) / steps_per_epoch,
+          'train_s': seconds, 'sequences': sequences, 'start': t0}
+
+
+def _evaluate_and_checkpoint(run: _Run, train: dict, stop) -> None:
+  """Validation, early stopping, the epoch's checkpoint and its metrics record."""
+  config, monitor = run.config, run.config.eval.monitor
+  t1 = time.perf_counter()
+  val = run.evaluator.evaluate(run.state.params, 'val',
+                               on_batch=lambda: _stop_if_requested(run, stop))
+  val_s = time.perf_counter() - t1
+  if monitor not in val:
+    raise ConfigError(f'monitored metric {monitor!r} was not computed (no validation '
+                      f'cases?); computed: {sorted(val)}', field='config.eval.monitor')
+  _stop_if_requested(run, stop)
+  improved = run.es.update(val[monitor], run.epoch, run.step, val)
+  train_s = train['train_s']
+  record = {'epoch': run.epoch, 'step': run.step, 'train/loss': train['train/loss'],
+            **val, 'train_s': round(train_s, 3), 'eval_s': round(val_s, 3),
+            'train/seq_per_s': round(train['sequences'] / train_s, 1)}
+  meta = dict(epoch=run.epoch, step=run.step, early_stopping=run.es.state(),
+              metrics=record, config=config.to_dict(), data_key=run.data.key,
+              num_items=run.data.num_items, num_behaviors=run.data.num_behaviors)
+  s = run.state
+  run.store.save(run.step, params=s.params,
+                 train={'opt_state': s.opt_state, 'step': s.step, 'rng': s.rng},
+                 iterator=run.iterator, meta=meta, monitor=val[monitor])
+  run.log.append_metrics(record)
+  run.epoch_times.append(time.perf_counter() - train['start'])
+  left = ((int(config.train.num_epochs) - run.epoch - 1)
+          * float(np.mean(run.epoch_times[-5:])))
+  es = run.es
+  _log(f'epoch {run.epoch:3d}  loss {train["train/loss"]:.4f}  {monitor} '
+       f'{val[monitor]:.4f}{" *" if improved else "  "} best {es.best:.4f} (epoch '
+       f'{es.best_epoch})  {train["sequences"] / train_s:,.0f} seq/s  train '
+       f'{train_s:.1f}s eval {val_s:.1f}s  eta <= {run_log.format_seconds(left)}')
+  if es.should_stop:
+    _log(f'early stopping: no improvement of {monitor} for {es.patience} epochs')
+
+
+def _summarize(run: _Run) -> dict:
+  """summary.json: the best epoch and its metrics (and test metrics for val_test)."""
+  run.store.wait()
+  es, monitor = run.es, run.config.eval.monitor
+  is_main = jax.process_index() == 0
+  summary = {'best_epoch': es.best_epoch, 'best_step': es.best_step,
+             'monitor': monitor, 'best': es.best if es.best_epoch >= 0 else None,
+             'best_val': es.best_metrics,
+             'epochs_run': len(run_log.read_metrics(run.workdir)) if is_main else None,
+             'early_stopped': es.should_stop, 'num_params': run.n_params}
+  if run.data.split == 'val_test' and es.best_step >= 0:
+    best_params = run.store.restore(
+        es.best_step, params_target=ckpt_lib.abstract(run.state.params))['params']
+    summary['test'] = run.evaluator.evaluate(best_params, 'test')
+    _log('test (best checkpoint): ' + '  '.join(
+        f'{k} {v:.4f}' for k, v in summary['test'].items() if k.endswith('@10')))
+  run.log.write_summary(summary)
+  if es.best_epoch >= 0:
+    _log(f'best {monitor} {es.best:.4f} at epoch {es.best_epoch} '
+         f'(checkpoint step {es.best_step}) -> {run.workdir}')
+  return summary
+
+
+# -- the whole run ----------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str, *, stop=None) -> dict:
+  """Trains with early stopping, keeps the best and latest checkpoints, and writes
+  config.json, metrics.jsonl, TensorBoard events and summary.json to `workdir`.
+  Returns the summary.
+
+  `stop` (e.g. `gear_jax.cli.GracefulStop`) is looked at at every step boundary: once
+  it is `requested`, the run waits for the checkpoint in flight and raises
+  `Interrupted`. Raises `RunLocked` when another live process holds the workdir."""
+  hostalloc.configure()  # before XLA starts its threads; see gear_jax/hostalloc.py
+  defaults.validate_config(config)
+  parallel.initialize_distributed(config.distributed.coordinator,
+                                  int(config.distributed.num_processes),
+                                  int(config.distributed.process_id))
+  workdir = os.path.abspath(workdir)
+  lock = (WorkdirLock(workdir, 'train') if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    run = _build(config, workdir)
+    try:
+      _restore_or_init(run)
+      for epoch in range(run.start_epoch, int(config.train.num_epochs)):
+        if run.es.should_stop:
+          break
+        run.epoch = epoch
+        _evaluate_and_checkpoint(run, _train_epoch(run, stop), stop)
+      return _summarize(run)
+    finally:
+      run.store.close()  # waits for a save in flight
+      run.log.close()

@@ -1,0 +1,54 @@
+"""Runs a gear_jax command line with a fault injected at a training step (test side).
+
+  python tests/fault_runner.py --at_step N --signal KILL|INT|TERM [--twice] -- \
+      gear_jax.train --config configs/test.py --workdir DIR ...
+
+The trainer's compiled step is wrapped (by patching `trainer._build`; nothing in the
+package reads an environment variable for this) so that right after the N-th training
+step this process runs, it sends itself the signal: SIGKILL to test resumption after a hard kill,
+SIGINT / SIGTERM to test the clean stop (with --twice, a second SIGINT right after).
+"""
+
+import argparse
+import os
+import runpy
+import signal
+import sys
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--at_step', type=int, required=True)
+  parser.add_argument('--signal', default='KILL', choices=['KILL', 'INT', 'TERM'])
+  parser.add_argument('--twice', action='store_true')
+  parser.add_argument('module')
+  parser.add_argument('args', nargs=argparse.REMAINDER)
+  opts = parser.parse_args()
+  signum = getattr(signal, f'SIG{opts.signal}')
+
+  from gear_jax import trainer
+  real_build = trainer._build
+
+  def build(*args, **kwargs):
+    run = real_build(*args, **kwargs)
+    step_fn, done = run.train_step, [0]
+
+    def step(state, batch):
+      out = step_fn(state, batch)
+      done[0] += 1
+      if done[0] == opts.at_step:
+        os.kill(os.getpid(), signum)
+        if opts.twice:
+          os.kill(os.getpid(), signum)
+      return out
+
+    run.train_step = step
+    return run
+
+  trainer._build = build
+  sys.argv = [opts.module] + [a for a in opts.args if a != '--']
+  runpy.run_module(opts.module, run_name='__main__', alter_sys=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,144 @@
+"""The option matrix: every documented option through the command lines users call.
+
+Each case trains configs/test.py for one epoch (`gear_jax.train`), resumes it to two,
+then evaluates the best checkpoint (`gear_jax.evaluate --checkpoint best`), which must
+reproduce summary.json. Every documented option appears in at least one case:
+data.format tsv / taobao / csv, data.split val / val_test, eval.protocol sampled / full
+and eval.other_protocol, eval.negatives random / popularity, model.precision float32 /
+default / bfloat16, train.loss auto / token / vocab / dense, model.mask_padding,
+train.grad_accum=2, data.multi_behavior=False, and meshes 8x1 and 4x2 with and without
+mesh.shard_items on 8 forced CPU devices. The mesh cases must equal the one-device run
+within 1e-5. Cases run two at a time (the machine has 2 cores; the persistent XLA
+cache of conftest.py shares compiled programs between the three commands of a case).
+"""
+
+import concurrent.futures
+import json
+import os
+
+import pytest
+
+from conftest import run_module
+from gear_jax import run_log
+
+TOL = 1e-5
+EIGHT = {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
+                       ' --xla_force_host_platform_device_count=8').strip()}
+
+CASES = {
+    'default': [],
+    'mesh8x1': ['--config.mesh.data=8', '--config.mesh.model=1'],
+    'mesh8x1_shard': ['--config.mesh.data=8', '--config.mesh.model=1',
+                      '--config.mesh.shard_items=True'],
+    'mesh4x2': ['--config.mesh.data=4', '--config.mesh.model=2'],
+    'mesh4x2_shard': ['--config.mesh.data=4', '--config.mesh.model=2',
+                      '--config.mesh.shard_items=True'],
+    'taobao_valtest_popularity_token_default_masked': [
+        '--config.data.format=taobao', '--config.data.split=val_test',
+        '--config.eval.negatives=popularity', '--config.train.loss=token',
+        '--config.model.precision=default', '--config.model.mask_padding=True'],
+    'csv_full_bf16_vocab_accum2_single_behavior': [
+        '--config.data.format=csv', '--config.data.csv.delimiter=;',
+        '--config.data.csv.columns.user=visitor', '--config.data.csv.columns.item=product',
+        '--config.data.csv.columns.behavior=event',
+        '--config.data.csv.columns.timestamp=ts_ms',
+        '--config.data.csv.behavior_map=view:pv,like:fav,basket:cart,order:buy',
+        '--config.data.csv.timestamp_unit=ms', '--config.eval.protocol=full',
+        '--config.eval.other_protocol=True', '--config.model.precision=bfloat16',
+        '--config.train.loss=vocab', '--config.train.grad_accum=2',
+        '--config.data.multi_behavior=False'],
+    'dense_other_protocol': ['--config.train.loss=dense',
+                             '--config.eval.other_protocol=True'],
+}
+FORMAT_FILES = {'taobao': 'syn_taobao.csv', 'csv': 'syn_events.csv'}
+
+
+def _write_formats(tsv_path, directory) -> dict[str, str]:
+  """The synthetic data in the taobao and a custom csv layout (same interactions)."""
+  rows = [line.split('\t') for line in open(tsv_path).read().splitlines()]
+  taobao = directory / FORMAT_FILES['taobao']
+  taobao.write_text(''.join(f'{u},{i},{int(i) % 7},{b},{t}\n' for u, i, b, t in rows))
+  names = {'pv': 'view', 'fav': 'like', 'cart': 'basket', 'buy': 'order'}
+  events = directory / FORMAT_FILES['csv']
+  events.write_text('ts_ms;visitor;event;product\n' + ''.join(
+      f'{int(t) * 1000 + 7};{u};{names[b]};{i}\n' for u, i, b, t in rows))
+  return {'tsv': str(tsv_path), 'taobao': str(taobao), 'csv': str(events)}
+
+
+def _run_case(name: str, flags: list[str], paths: dict, root) -> dict:
+  fmt = next((f.split('=')[1] for f in flags if f.startswith('--config.data.format=')),
+             'tsv')
+  workdir = root / name
+  env = EIGHT if name.startswith('mesh') else None
+  common = ['--config', 'configs/test.py', f'--config.data.path={paths[fmt]}',
+            f'--config.data.cache_dir={root / "cache"}', *flags, '--workdir',
+            str(workdir)]
+  out = {'name': name}
+  for label, args in (('epoch1', ['--config.train.num_epochs=1']),
+                      ('resume2', ['--config.train.num_epochs=2'])):
+    proc = run_module('gear_jax.train', *common, *args, env=env)
+    out[label] = (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    if proc.returncode:
+      return out
+  ev = run_module('gear_jax.evaluate', '--workdir', str(workdir), '--checkpoint', 'best',
+                  '--json', env=env)
+  out['evaluate'] = (ev.returncode, ev.stdout[-6000:], ev.stderr[-3000:])
+  out['metrics'] = run_log.read_metrics(str(workdir))
+  summary = workdir / 'summary.json'
+  out['summary'] = json.loads(summary.read_text()) if summary.exists() else None
+  return out
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+  from gear_jax.data import synthetic
+  root = tmp_path_factory.mktemp('options')
+  tsv = root / 'syn.txt'
+  synthetic.write_tsv(tsv, synthetic.generate(300, 150, seed=0))
+  paths = _write_formats(tsv, root)
+  # the caches of the three formats are made once, before the cases run in parallel
+  for fmt, path in paths.items():
+    flags = next(f for f in CASES.values() if f'--config.data.format={fmt}' in f) \
+        if fmt != 'tsv' else []
+    stats = run_module('gear_jax.data.stats', '--config', 'configs/test.py',
+                       f'--config.data.path={path}',
+                       f'--config.data.cache_dir={root / "cache"}',
+                       *[f for f in flags if f.startswith('--config.data.')])
+    assert stats.returncode == 0, stats.stderr[-2000:]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = {name: pool.submit(_run_case, name, flags, paths, root)
+               for name, flags in CASES.items()}
+    return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_option_case(results, name):
+  r = results[name]
+  for label in ('epoch1', 'resume2', 'evaluate'):
+    assert label in r and r[label][0] == 0, (label, r.get(label))
+  assert 'resuming from checkpoint' in r['resume2'][1]
+  assert 'Traceback' not in r['resume2'][2]
+  assert [m['epoch'] for m in r['metrics']] == [0, 1]
+  summary = r['summary']
+  evaluated = json.loads(r['evaluate'][1].strip().splitlines()[-1])
+  assert evaluated['metrics'] == summary['best_val']  # exactly
+  flags = CASES[name]
+  keys = set(summary['best_val'])
+  if '--config.eval.protocol=full' in flags:
+    assert 'val/NDCG@10' in keys and 'val_sampled/NDCG@10' in keys
+  elif '--config.eval.other_protocol=True' in flags:
+    assert 'val_full/NDCG@10' in keys
+  if '--config.data.split=val_test' in flags:
+    assert {'test/NDCG@10', 'test/Recall@10'} <= set(summary['test'])
+
+
+@pytest.mark.parametrize('name', [n for n in CASES if n.startswith('mesh')])
+def test_meshes_match_one_device(results, name):
+  one, many = results['default'], results[name]
+  assert 'epoch1' in many and many['epoch1'][0] == 0, many.get('epoch1')
+  devices = "on 8 cpu device(s)"
+  assert devices in many['epoch1'][1]
+  for a, b in zip(one['metrics'], many['metrics']):
+    for k, v in a.items():
+      if k.startswith(('val/', 'train/loss')):
+        assert abs(v - b[k]) < TOL, (name, k, v, b[k])
