@@ -20,9 +20,12 @@ next step's buffer is often allocated before the worker thread has freed the pre
 one, and each such overlap leaves the heap one buffer (306 MB for a retail train step)
 larger for the rest of the run. Measured at 99,037 items, 20 train steps: heap 1.27-1.36
 GB and peak RSS 1.49-1.58 GB with async dispatch, heap 0.76 GB and peak RSS 0.94 GB with
-jax_cpu_enable_async_dispatch=False (scripts/benchmark.py runs that way). Routing such
-buffers to mmap instead (M_MMAP_THRESHOLD) brings back ~78,000 page faults a step (step
-1.1 s -> 1.8 s, measured).
+jax_cpu_enable_async_dispatch=False. So `configure()` also turns JAX's asynchronous
+dispatch on CPU devices off whenever it applies the allocator settings: steps then run
+inline and the heap holds one scratch buffer, not a run-dependent number of them
+(training and evaluation speed unchanged within this machine's noise, measured in the
+README). Routing large buffers to mmap instead (M_MMAP_THRESHOLD) brings back ~78,000
+page faults a step (step 1.1 s -> 1.8 s, measured).
 
 Importing gear_jax changes nothing. `configure()` is called by `train.train_and_evaluate`
 and `evaluate.run` (so by both command lines) and by the benchmark scripts, first thing,
@@ -67,4 +70,8 @@ def configure() -> dict[str, int]:
                              ('M_TRIM_THRESHOLD', M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
     if mallopt(param, value) == 1:  # mallopt returns 1 on success
       _applied[name] = value
+  if _applied:
+    import jax  # read when the CPU client is created: before the first computation
+    jax.config.update('jax_cpu_enable_async_dispatch', False)
+    _applied['jax_cpu_enable_async_dispatch'] = 0
   return _applied

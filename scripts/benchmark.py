@@ -15,12 +15,13 @@ Runs on whatever JAX backend is present (CPU or GPU). Measures, in one process:
   peak_device_mb          peak device memory (GPU only)
 Evaluation uses a synthetic data set of --eval_users users over the same catalog.
 
-On CPU the computations run inline (jax_cpu_enable_async_dispatch=False; --cpu_async_dispatch
-restores JAX's default). The timed loop waits for every step anyway, so this costs no speed,
-but with async dispatch the next step's XLA scratch buffer (306 MB at 99,037 items) was often
-allocated before the worker thread freed the previous one, and with gear_jax.hostalloc's
-settings (one arena, no mmap, no trim) each such overlap left the heap one scratch buffer
-larger for good: peak RSS 0.96-1.66 GB from run to run, against ~0.95 GB inline.
+On CPU the computations run inline, as in training: gear_jax.hostalloc.configure() turns
+JAX's asynchronous CPU dispatch off together with its allocator settings (see there);
+--cpu_async_dispatch turns it back on for comparison. With async dispatch the next step's
+XLA scratch buffer (306 MB at 99,037 items) was often allocated before the worker thread
+freed the previous one, and with the allocator settings (one arena, no mmap, no trim)
+each such overlap left the heap one scratch buffer larger for good: peak RSS 1.05-1.65
+GB from run to run, against 0.99-1.08 GB inline.
 
 --reference PYTHON then runs scripts/reference_torch.py (the reference model in PyTorch,
 checked against the parity fixture with its --verify) with that interpreter, which
@@ -176,14 +177,14 @@ def main():
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
   hostalloc.configure()  # as train_and_evaluate does, before XLA starts its threads
-  # read when the CPU client is created, so before the first jax.devices()/backend call
-  jax.config.update('jax_cpu_enable_async_dispatch', bool(args.cpu_async_dispatch))
+  if args.cpu_async_dispatch:  # read when the CPU client is created: before any use
+    jax.config.update('jax_cpu_enable_async_dispatch', True)
 
   result = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                 devices=jax.device_count(), items=args.items, batch=args.batch,
                 max_len=args.max_len, d_model=args.d_model, n_layer=args.n_layer,
                 precision=args.precision, loss=args.loss,
-                cpu_async_dispatch=bool(args.cpu_async_dispatch))
+                cpu_async_dispatch=bool(jax.config.read('jax_cpu_enable_async_dispatch')))
   train = train_benchmark(args)
   state, model, mesh = train.pop('state'), train.pop('model'), train.pop('mesh')
   result.update(train)

@@ -28,7 +28,9 @@ def work():
 thread = threading.Thread(target=work)
 thread.start()
 thread.join()
-print(json.dumps({'applied': hostalloc._applied, 'faults': faults[0]}))
+import jax
+print(json.dumps({'applied': hostalloc._applied, 'faults': faults[0],
+                  'async_dispatch': jax.config.read('jax_cpu_enable_async_dispatch')}))
 '''
 
 
@@ -47,7 +49,9 @@ def probe(**env) -> dict:
 def test_scratch_memory_is_reused_without_page_faults():
   on = probe(PROBE_CONFIGURE='1')
   assert on['applied'] == {'M_ARENA_MAX': 1, 'M_MMAP_MAX': 0,
-                           'M_TRIM_THRESHOLD': 2**31 - 1}
+                           'M_TRIM_THRESHOLD': 2**31 - 1,
+                           'jax_cpu_enable_async_dispatch': 0}
+  assert on['async_dispatch'] is False and off['async_dispatch'] is True
   off = probe(PROBE_CONFIGURE='1', GEAR_JAX_HOST_ALLOCATOR='0')
   assert off['applied'] == {}
   pages = 2**28 // 4096
