@@ -51,9 +51,10 @@ def test_scratch_memory_is_reused_without_page_faults():
   assert on['applied'] == {'M_ARENA_MAX': 1, 'M_MMAP_MAX': 0,
                            'M_TRIM_THRESHOLD': 2**31 - 1,
                            'jax_cpu_enable_async_dispatch': 0}
-  assert on['async_dispatch'] is False and off['async_dispatch'] is True
   off = probe(PROBE_CONFIGURE='1', GEAR_JAX_HOST_ALLOCATOR='0')
   assert off['applied'] == {}
+  # steps run inline exactly when the allocator settings apply
+  assert on['async_dispatch'] is False and off['async_dispatch'] is True
   pages = 2**28 // 4096
   assert off['faults'] > pages // 2  # glibc's default: a fresh mmap, every page faulted
   assert on['faults'] < pages // 50  # the freed heap memory is reused

@@ -65,6 +65,28 @@ def _write_formats(tsv_path, directory) -> dict[str, str]:
   return {'tsv': str(tsv_path), 'taobao': str(taobao), 'csv': str(events)}
 
 
+def _config_with(flags: list[str], path, cache_dir):
+  """configs/test.py with the --config.data.* flags of a case applied."""
+  import importlib.util
+  from conftest import REPO
+  spec = importlib.util.spec_from_file_location('test_config', REPO / 'configs' / 'test.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.path, config.data.cache_dir = str(path), str(cache_dir)
+  for flag in flags:
+    key, value = flag[len('--config.'):].split('=', 1)
+    if not key.startswith('data.'):
+      continue
+    *parents, leaf = key.split('.')
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) \
+        else value == 'True'
+  return config
+
+
 def _run_case(name: str, flags: list[str], paths: dict, root) -> dict:
   fmt = next((f.split('=')[1] for f in flags if f.startswith('--config.data.format=')),
              'tsv')
@@ -97,14 +119,12 @@ def results(tmp_path_factory):
   synthetic.write_tsv(tsv, synthetic.generate(300, 150, seed=0))
   paths = _write_formats(tsv, root)
   # the caches of the three formats are made once, before the cases run in parallel
+  from gear_jax.data import load_dataset
   for fmt, path in paths.items():
     flags = next(f for f in CASES.values() if f'--config.data.format={fmt}' in f) \
         if fmt != 'tsv' else []
-    stats = run_module('gear_jax.data.stats', '--config', 'configs/test.py',
-                       f'--config.data.path={path}',
-                       f'--config.data.cache_dir={root / "cache"}',
-                       *[f for f in flags if f.startswith('--config.data.')])
-    assert stats.returncode == 0, stats.stderr[-2000:]
+    config = _config_with(flags, path, root / 'cache')
+    load_dataset(config.data)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     futures = {name: pool.submit(_run_case, name, flags, paths, root)
                for name, flags in CASES.items()}

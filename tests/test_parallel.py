@@ -36,7 +36,7 @@ def test_meshes_match_single_device():
   # with the table on 'model', neither the table nor the logits are ever gathered
   assert result.pop('all_gathers') == {'64.0': [], '0.05': []}
   for catalog, meshes in result.items():
-    assert meshes['8x1']['devices'] == 8 and meshes['4x2']['devices'] == 8
+    assert meshes['2x4']['devices'] == 8 and meshes['4x2']['devices'] == 8
     assert meshes['4x2']['table_sharding'].startswith("P('model'")  # rows over 'model'
     for name, r in meshes.items():
       assert r['loss_diff'] < TOL, (catalog, name, r)

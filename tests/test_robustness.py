@@ -215,9 +215,10 @@ def test_interrupt_stops_at_a_step_boundary(three_epochs, tmp_path, sig, code):
   assert lines == ['interrupted at epoch 1 step 15; rerun the same command to resume '
                    'from step 10'], out.stderr[-3000:]
   assert not [p for p in (tmp_path / 'checkpoints').iterdir() if 'tmp' in p.name]
-  again = run_module('gear_jax.train', *args, '--workdir', str(tmp_path))
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert _metrics(tmp_path) == _metrics(ref)
+  if sig == 'INT':  # the resume itself is the same after either signal
+    again = run_module('gear_jax.train', *args, '--workdir', str(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _metrics(tmp_path) == _metrics(ref)
 
 
 def test_second_interrupt_exits_at_once(three_epochs, tmp_path):
