@@ -42,6 +42,15 @@ def write(tmp_path):
   return _write
 
 
+def load_config(name: str = 'test'):
+  """The ConfigDict of configs/<name>.py."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def run_module(module: str, *args: str, env: dict | None = None, cwd=REPO,
                timeout: float = 600):
   """Runs `python -m module args` in a subprocess; returns the CompletedProcess."""

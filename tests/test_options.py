@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-from conftest import run_module
+from conftest import load_config, run_module
 from gear_jax import run_log
 
 TOL = 1e-5
@@ -67,12 +67,7 @@ def _write_formats(tsv_path, directory) -> dict[str, str]:
 
 def _config_with(flags: list[str], path, cache_dir):
   """configs/test.py with the --config.data.* flags of a case applied."""
-  import importlib.util
-  from conftest import REPO
-  spec = importlib.util.spec_from_file_location('test_config', REPO / 'configs' / 'test.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config('test')
   config.data.path, config.data.cache_dir = str(path), str(cache_dir)
   for flag in flags:
     key, value = flag[len('--config.'):].split('=', 1)

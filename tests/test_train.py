@@ -2,7 +2,6 @@
 checkpoints, evaluation reproducing summary.json, exact resumption (SIGKILL mid-epoch,
 extension of a finished run), NaN handling, one compile per run, the optimizer."""
 
-import importlib.util
 import json
 import os
 
@@ -12,20 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, run_module
+from conftest import load_config, run_module
 from gear_jax import checkpoint as ckpt_lib
 from gear_jax import evaluate, run_log, steps, trainer
 from gear_jax.data import DataError
 from gear_jax.errors import ConfigError, TrainingDiverged
 
 TIMING_KEYS = ('train_s', 'eval_s', 'train/seq_per_s')
-
-
-def load_config(name='test'):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 @pytest.fixture(scope='module')
