@@ -1,12 +1,13 @@
 """Runs a gear_jax command line with a fault injected at a training step (test side).
 
-  python tests/fault_runner.py --at_step N --signal KILL|INT|TERM [--twice] -- \
-      gear_jax.train --config configs/test.py --workdir DIR ...
+  python tests/fault_runner.py --at_step N [--in_eval] --signal KILL|INT|TERM [--twice]
+      -- gear_jax.train --config configs/test.py --workdir DIR ...
 
 The trainer's compiled step is wrapped (by patching `trainer._build`; nothing in the
 package reads an environment variable for this) so that right after the N-th training
 step this process runs, it sends itself the signal: SIGKILL to test resumption after a hard kill,
 SIGINT / SIGTERM to test the clean stop (with --twice, a second SIGINT right after).
+With --in_eval the N-th evaluation batch is the moment instead.
 """
 
 import argparse
@@ -21,6 +22,7 @@ def main() -> None:
   parser.add_argument('--at_step', type=int, required=True)
   parser.add_argument('--signal', default='KILL', choices=['KILL', 'INT', 'TERM'])
   parser.add_argument('--twice', action='store_true')
+  parser.add_argument('--in_eval', action='store_true')
   parser.add_argument('module')
   parser.add_argument('args', nargs=argparse.REMAINDER)
   opts = parser.parse_args()
@@ -31,10 +33,11 @@ def main() -> None:
 
   def build(*args, **kwargs):
     run = real_build(*args, **kwargs)
-    step_fn, done = run.train_step, [0]
+    owner, name = (run.evaluator, '_step') if opts.in_eval else (run, 'train_step')
+    step_fn, done = getattr(owner, name), [0]
 
-    def step(state, batch):
-      out = step_fn(state, batch)
+    def step(*a):
+      out = step_fn(*a)
       done[0] += 1
       if done[0] == opts.at_step:
         os.kill(os.getpid(), signum)
@@ -42,7 +45,7 @@ def main() -> None:
           os.kill(os.getpid(), signum)
       return out
 
-    run.train_step = step
+    setattr(owner, name, step)
     return run
 
   trainer._build = build

@@ -221,6 +221,20 @@ def test_interrupt_stops_at_a_step_boundary(three_epochs, tmp_path, sig, code):
     assert _metrics(tmp_path) == _metrics(ref)
 
 
+def test_interrupt_during_evaluation(three_epochs, tmp_path):
+  _, ref, args = three_epochs
+  args = [*args, '--config.train.num_epochs=4']
+  out = _fault(args, tmp_path, 5, 'INT', '--in_eval')  # 3 batches an evaluation
+  assert out.returncode == 130, out.stderr[-3000:]
+  lines = [l for l in _error_lines(out.stderr) if not l.startswith('SIG')]
+  assert lines == ['interrupted at epoch 1 step 20; rerun the same command to resume '
+                   'from step 10'], out.stderr[-3000:]
+  assert [r['epoch'] for r in run_log.read_metrics(str(tmp_path))] == [0]
+  again = run_module('gear_jax.train', *args, '--workdir', str(tmp_path))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert _metrics(tmp_path) == _metrics(ref)
+
+
 def test_second_interrupt_exits_at_once(three_epochs, tmp_path):
   _, ref, args = three_epochs
   args = [*args, '--config.train.num_epochs=4']

@@ -48,6 +48,7 @@ import time
 import numpy as np
 
 from gear_jax import atomic
+from gear_jax.errors import ConfigError
 
 # `generate` returns behaviors as uint8 codes indexing this tuple (0 = pv ... 3 = buy).
 BEHAVIORS = ('pv', 'fav', 'cart', 'buy')
@@ -116,7 +117,7 @@ def generate(num_users: int, num_items: int, *, seed: int = 0,
   increasing within a user). Knobs: see `_defaults`.
   """
   if num_users < 1 or num_items < 20:
-    raise ValueError(f'need num_users >= 1 and num_items >= 20, got {num_users}, '
+    raise ConfigError(f'need num_users >= 1 and num_items >= 20, got {num_users}, '
                      f'{num_items}')
   k = _defaults(num_items)
   unknown = set(knobs) - set(k)
@@ -138,7 +139,7 @@ class _World:
     n_succ = int(k['num_successors'])
     min_size = n_succ + 2
     if num_items < 2 * min_size:
-      raise ValueError(f'need num_items >= {2 * min_size} for {n_succ} successors')
+      raise ConfigError(f'need num_items >= {2 * min_size} for {n_succ} successors')
     c = k['num_categories'] or max(2, round(num_items / 40))
     c = int(max(1, min(c, num_items // min_size)))
     weights = rng.lognormal(0.0, 0.7, c)
@@ -175,7 +176,7 @@ class _World:
     self.succ = succ
     w = np.asarray(k['successor_weights'], np.float64)
     if len(w) != n_succ:
-      raise ValueError(f'successor_weights needs {n_succ} entries, got {len(w)}')
+      raise ConfigError(f'successor_weights needs {n_succ} entries, got {len(w)}')
     self.succ_w_cdf = np.cumsum(w / w.sum())
     self.succ_w_cdf[-1] = 1.0
 
@@ -436,7 +437,7 @@ def _main(argv) -> None:
   elif f.users and f.items:
     size = {}
   else:
-    raise SystemExit('give --preset, or both --users and --items')
+    raise ConfigError('give --preset, or both --users and --items')
   if f.users:
     size['num_users'] = f.users
   if f.items:
@@ -461,4 +462,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('users', None, 'number of users (overrides the preset)')
   flags.DEFINE_integer('items', None, 'number of items (overrides the preset)')
   flags.DEFINE_integer('seed', 0, 'random seed')
-  app.run(_main)
+  from gear_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(cli.main(_main))
