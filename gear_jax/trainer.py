@@ -106,7 +106,6 @@ class _Run:
   workdir: str
   data: Any
   mesh: Any
-  model: model_lib.GEAR
   state: steps.TrainState
   train_step: Any  # compiled
   train_batches: pipeline_lib.TrainBatches
@@ -170,7 +169,7 @@ def _build(config, workdir: str) -> _Run:
 
   iterator = iter(pipeline_lib.train_pipeline(train_batches,
                                               num_threads=int(config.data.threads)))
-  return _Run(config=config, workdir=workdir, data=data, mesh=mesh, model=model,
+  return _Run(config=config, workdir=workdir, data=data, mesh=mesh,
               state=state, train_step=train_step, train_batches=train_batches,
               iterator=iterator, evaluator=Evaluator(data, config, model, mesh),
               store=_open_store(workdir, data.num_items, mesh),
