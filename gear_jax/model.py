@@ -652,6 +652,44 @@ def rank_in_catalogue(params, h_last: Array, target: Array, chunk: int = 16384,
   return ranks
 
 
+def top_k_in_catalogue(params, h_last: Array, k: int, chunk: int = 16384,
+                       precision=None, num_items: int | None = None,
+                       exclude: Array | None = None) -> tuple[Array, Array]:
+  """The `k` best items 1..V for each row: ([B, k] f32 scores, [B, k] int32 ids),
+  scores descending, ties broken by the lower item id; exact over the whole catalogue.
+
+  Never materialises [B, V]: each item chunk's [B, chunk] scores are merged into the
+  running top k with `lax.top_k` (which keeps the earlier position first among equal
+  values; earlier positions are always lower ids). `exclude` ([B, H] item ids, 0 =
+  none) removes items per row (e.g. the user's history). Rows with fewer than k
+  allowed items are filled with id 0 and score -inf. `k` must be <= V."""
+  e, v1 = _catalogue_chunks(params, chunk, h_last.dtype, num_items)
+  b = h_last.shape[0]
+  rows = jnp.arange(b)[:, None]
+
+  def merge(carry, inputs):
+    best_s, best_i = carry
+    c, ec = inputs
+    s = jnp.einsum('bd,cd->bc', h_last, ec, precision=precision,
+                   preferred_element_type=jnp.float32)  # [B, chunk]
+    ids = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    allowed = jnp.broadcast_to((ids >= 1) & (ids < v1), s.shape)
+    if exclude is not None:
+      pos = exclude - c * chunk  # [B, H]; out of this chunk -> dropped
+      pos = jnp.where((exclude > 0) & (pos >= 0) & (pos < chunk), pos, chunk)
+      allowed = allowed.at[rows, pos].set(False, mode='drop')
+    s = jnp.where(allowed, s, -jnp.inf)
+    both_s = jnp.concatenate([best_s, s], axis=1)
+    both_i = jnp.concatenate([best_i, jnp.broadcast_to(ids, s.shape)], axis=1)
+    top_s, where = jax.lax.top_k(both_s, k)
+    top_i = jnp.take_along_axis(both_i, where, axis=1)
+    return (top_s, jnp.where(jnp.isfinite(top_s), top_i, 0)), None
+
+  init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.zeros((b, k), jnp.int32))
+  (scores, ids), _ = jax.lax.scan(merge, init, (jnp.arange(e.shape[0]), e))
+  return scores, ids
+
+
 def count_params(params, num_items: int | None = None) -> int:
   """Number of parameters; with `num_items`, padding rows of the item table excluded."""
   total = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

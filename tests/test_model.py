@@ -334,3 +334,32 @@ def test_catalogue_scoring_helpers(small):
   cand = jnp.asarray([[1, 2, 3], [5, 6, 7], [13, 12, 11]], jnp.int32)
   np.testing.assert_allclose(M.score_candidates(params, h_last, cand, HIGHEST),
                              np.take_along_axis(s, np.asarray(cand), 1), atol=1e-6)
+
+
+# -- top-K over the whole catalogue (recommendation) --------------------------------------
+
+@pytest.mark.parametrize('chunk', [8, 64])
+def test_top_k_in_catalogue_equals_brute_force(chunk):
+  rng = np.random.default_rng(0)
+  v, d, b, k = 37, 6, 5, 7
+  table = rng.normal(size=(v + 1, d)).astype(np.float32)
+  table[[5, 9, 30]] = table[2]  # exact ties across chunks: the lower id must come first
+  table[[12, 13]] = table[11]
+  params = {'item_emb': {'embedding': jnp.asarray(table)}}
+  h = jnp.asarray(rng.normal(size=(b, d)).astype(np.float32))
+  h = h.at[0].set(jnp.asarray(table[2]))  # row 0 ranks the tied items 2/5/9/30 first
+  exclude = np.zeros((b, 4), np.int32)
+  exclude[1] = [3, 17, 36, 0]
+  exclude[2] = [2, 5, 0, 0]
+  hp = jax.lax.Precision.HIGHEST
+  scores, ids = jax.jit(lambda p, x, ex: M.top_k_in_catalogue(
+      p, x, k, chunk, hp, num_items=v, exclude=ex))(params, h, jnp.asarray(exclude))
+  full = np.asarray(M.score_catalogue(params, h, chunk, hp, num_items=v))  # [b, v + 1]
+  for r in range(b):
+    allowed = [i for i in range(1, v + 1) if i not in set(exclude[r]) - {0}]
+    order = sorted(allowed, key=lambda i: (-full[r, i], i))[:k]
+    assert list(np.asarray(ids[r])) == order, (r, list(np.asarray(ids[r])), order)
+    np.testing.assert_array_equal(np.asarray(scores[r]), full[r, order])
+  assert list(np.asarray(ids[0])[:4]) == [2, 5, 9, 30]
+  assert not set(np.asarray(ids[1])) & {3, 17, 36}
+  assert not set(np.asarray(ids[2])) & {2, 5}
