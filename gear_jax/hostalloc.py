@@ -27,7 +27,7 @@ inline and the heap holds one scratch buffer, not a run-dependent number of them
 README). Routing large buffers to mmap instead (M_MMAP_THRESHOLD) brings back ~78,000
 page faults a step (step 1.1 s -> 1.8 s, measured).
 
-Importing gear_jax changes nothing. `configure()` is called by `train.train_and_evaluate`
+Importing gear_jax changes nothing. `configure()` is called by `trainer.train_and_evaluate`
 and `evaluate.run` (so by both command lines) and by the benchmark scripts, first thing,
 before XLA starts its thread pool: the arena setting only binds threads that have not
 allocated yet. A program that drives the model and steps itself can call it first. It
