@@ -178,12 +178,14 @@ def run(config, workdir: str, *, checkpoint: str = 'best', split: str = 'val',
     params = store.restore(step, params_target=target)['params']
   except CheckpointError as e:
     best = store.best_step()
-    alternative = ('--checkpoint best' + (f' (step {best})' if best is not None else '')
-                   if best is not None and best != step else
-                   f'--checkpoint {others[-1]}' if others else None)
-    raise CheckpointError(e.message, step=step, hint=(
-        f'the checkpoint is left as it is; try {alternative}' if alternative else
-        'the checkpoint is left as it is; it is the only one in this workdir')) from None
+    if best is not None and best != step:
+      hint = f'try --checkpoint best (step {best})'
+    elif others:
+      hint = f'try --checkpoint {others[-1]}'
+    else:
+      hint = 'it is the only one in this workdir'
+    raise CheckpointError(e.message, step=step,
+                          hint=f'the checkpoint is left as it is; {hint}') from None
   evaluator = Evaluator(data, config, model, mesh, verbose=False)
   start = time.perf_counter()
   result = evaluator.evaluate(params, split)

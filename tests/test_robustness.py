@@ -200,6 +200,18 @@ def test_no_readable_checkpoint_refuses(three_epochs, tmp_path):
 
 # -- interrupts --------------------------------------------------------------------------
 
+def _interrupt_lines(stderr: str) -> list[str]:
+  """stderr of a clean stop without the signal handler's own notice."""
+  return [l for l in _error_lines(stderr) if not l.startswith('SIG')]
+
+
+def _resume_matches(args, workdir, ref) -> None:
+  """Reruns the same command in `workdir`; it must end exactly like `ref`."""
+  again = run_module('gear_jax.train', *args, '--workdir', str(workdir))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert _metrics(workdir) == _metrics(ref)
+
+
 def _fault(args, workdir, at_step, sig, *extra):
   return run_module('tests.fault_runner', '--at_step', str(at_step), '--signal', sig,
                     *extra, 'gear_jax.train', '--', *args, '--workdir', str(workdir))
@@ -211,14 +223,12 @@ def test_interrupt_stops_at_a_step_boundary(three_epochs, tmp_path, sig, code):
   args = [*args, '--config.train.num_epochs=4']
   out = _fault(args, tmp_path, 15, sig)  # in epoch 1 (10 steps an epoch)
   assert out.returncode == code, out.stderr[-3000:]
-  lines = [l for l in _error_lines(out.stderr) if not l.startswith('SIG')]
-  assert lines == ['interrupted at epoch 1 step 15; rerun the same command to resume '
-                   'from step 10'], out.stderr[-3000:]
+  assert _interrupt_lines(out.stderr) == [
+      'interrupted at epoch 1 step 15; rerun the same command to resume from step 10'
+  ], out.stderr[-3000:]
   assert not [p for p in (tmp_path / 'checkpoints').iterdir() if 'tmp' in p.name]
   if sig == 'INT':  # the resume itself is the same after either signal
-    again = run_module('gear_jax.train', *args, '--workdir', str(tmp_path))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert _metrics(tmp_path) == _metrics(ref)
+    _resume_matches(args, tmp_path, ref)
 
 
 def test_interrupt_during_evaluation(three_epochs, tmp_path):
@@ -226,13 +236,11 @@ def test_interrupt_during_evaluation(three_epochs, tmp_path):
   args = [*args, '--config.train.num_epochs=4']
   out = _fault(args, tmp_path, 5, 'INT', '--in_eval')  # 3 batches an evaluation
   assert out.returncode == 130, out.stderr[-3000:]
-  lines = [l for l in _error_lines(out.stderr) if not l.startswith('SIG')]
-  assert lines == ['interrupted at epoch 1 step 20; rerun the same command to resume '
-                   'from step 10'], out.stderr[-3000:]
+  assert _interrupt_lines(out.stderr) == [
+      'interrupted at epoch 1 step 20; rerun the same command to resume from step 10'
+  ], out.stderr[-3000:]
   assert [r['epoch'] for r in run_log.read_metrics(str(tmp_path))] == [0]
-  again = run_module('gear_jax.train', *args, '--workdir', str(tmp_path))
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert _metrics(tmp_path) == _metrics(ref)
+  _resume_matches(args, tmp_path, ref)
 
 
 def test_second_interrupt_exits_at_once(three_epochs, tmp_path):
@@ -241,9 +249,7 @@ def test_second_interrupt_exits_at_once(three_epochs, tmp_path):
   out = _fault(args, tmp_path, 25, 'INT', '--twice')
   assert out.returncode == 130
   assert 'second interrupt' in out.stderr and 'Traceback' not in out.stderr
-  again = run_module('gear_jax.train', *args, '--workdir', str(tmp_path))
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert _metrics(tmp_path) == _metrics(ref)
+  _resume_matches(args, tmp_path, ref)
 
 
 def test_interrupt_during_compilation(data_args, tmp_path):
