@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from gear_jax import parallel
-from gear_jax.errors import CheckpointError
+from gear_jax.errors import CheckpointError, is_failed_read_echo
 
 ITEMS = ('params', 'train', 'data_iter', 'meta')
 DAMAGED_DIR = 'damaged_checkpoints'
@@ -63,17 +62,14 @@ def one_line_reason(error: BaseException, limit: int = 240) -> str:
 
 @contextlib.contextmanager
 def _quiet_failed_reads():
-  """orbax reads arrays in concurrent coroutines; when one fails the others are
-  dropped and Python prints each one's error ('Exception ignored in: <coroutine ...>')
-  when it is collected, pages of tensorstore specs. The error that matters is raised
-  (and reported in one line); these echoes are dropped."""
+  """Drops the echoes of a failed restore (`is_failed_read_echo`) while it runs and
+  until its dropped reads are collected; the command lines keep such a filter for
+  the whole process (`gear_jax.cli`), since late completions can come later still."""
   previous = sys.unraisablehook
 
-  def hook(unraisable):
-    if not (inspect.iscoroutine(unraisable.object)
-            and 'orbax' in getattr(unraisable.object, '__qualname__', '')
-            + str(getattr(unraisable.object, 'cr_code', ''))):
-      previous(unraisable)
+  def hook(u):
+    if not is_failed_read_echo(u.exc_type, u.exc_value, u.exc_traceback, u.object):
+      previous(u)
 
   sys.unraisablehook = hook
   try:

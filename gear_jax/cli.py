@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from gear_jax.errors import Interrupted, UserError
+from gear_jax.errors import Interrupted, UserError, is_failed_read_echo
 
 
 def config_from_flag(name: str = 'config'):
@@ -39,29 +39,17 @@ def config_from_flag(name: str = 'config'):
   return config
 
 
-def _late_callback_echo(exc_type, exc, tb) -> bool:
-  """tensorstore completes reads of a failed orbax restore on its own threads after
-  orbax closed its event loop; each late completion prints a 'RuntimeError: Event loop
-  is closed' traceback (through sys.excepthook or sys.unraisablehook). The failure
-  itself is reported once."""
-  if exc_type is not RuntimeError or str(exc) != 'Event loop is closed':
-    return False
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  return tb is not None and tb.tb_frame.f_code.co_filename.endswith(
-      os.path.join('asyncio', 'base_events.py'))
-
-
 def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   """`fn` with the shared handling of user errors and interrupts (see module doc)."""
   @functools.wraps(fn)
   def wrapped(argv):
     from gear_jax import run_log
     run_log.quiet_libraries()
+    # echoes of a failed checkpoint read that was already reported in one line
     previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
-    sys.excepthook = lambda *e: None if _late_callback_echo(*e) else previous_hook(*e)
-    sys.unraisablehook = lambda u: None if _late_callback_echo(
-        u.exc_type, u.exc_value, u.exc_traceback) else previous_unraisable(u)
+    sys.excepthook = lambda *e: None if is_failed_read_echo(*e) else previous_hook(*e)
+    sys.unraisablehook = lambda u: None if is_failed_read_echo(
+        u.exc_type, u.exc_value, u.exc_traceback, u.object) else previous_unraisable(u)
     try:
       fn(argv)
     except UserError as e:

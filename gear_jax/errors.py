@@ -8,6 +8,9 @@ config key) and the fix says what to do about it.
 
 from __future__ import annotations
 
+import inspect
+import os
+
 
 class UserError(Exception):
   """Something the user can fix: a message and, where there is one, a fix."""
@@ -56,3 +59,22 @@ class Interrupted(Exception):
   @property
   def exit_code(self) -> int:
     return 128 + int(self.signum)
+
+
+def is_failed_read_echo(exc_type, exc, tb, obj=None) -> bool:
+  """Whether an exception printed outside the normal flow (sys.unraisablehook,
+  sys.excepthook) only echoes a failed orbax restore that was already raised and
+  reported: orbax reads arrays in concurrent coroutines and tasks, and when one read
+  fails the others are dropped and print their own errors when collected (pages of
+  tensorstore specs); tensorstore also completes reads on its threads after orbax
+  closed its event loop ('RuntimeError: Event loop is closed')."""
+  if inspect.iscoroutine(obj) and 'orbax' in str(getattr(obj, 'cr_code', '')):
+    return True
+  files = []
+  while tb is not None:
+    files.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  if exc_type is RuntimeError and str(exc) == 'Event loop is closed':
+    return bool(files) and files[-1].endswith(os.path.join('asyncio', 'base_events.py'))
+  serialization = os.path.join('orbax', 'checkpoint', '_src', 'serialization')
+  return any(serialization in f for f in files)

@@ -181,6 +181,27 @@ def test_damaged_latest_checkpoint(three_epochs, tmp_path):
       json.loads((ref / 'summary.json').read_text())['best_val']
 
 
+def _raised_in(filename: str, error: str):
+  """(type, value, traceback) of `error` raised by code that claims to be `filename`."""
+  try:
+    exec(compile(f'raise {error}', filename, 'exec'))
+  except Exception as e:  # noqa: BLE001
+    return type(e), e, e.__traceback__
+
+
+def test_only_echoes_of_a_failed_read_are_dropped():
+  from gear_jax.errors import is_failed_read_echo
+  orbax = os.path.join('site-packages', 'orbax', 'checkpoint', '_src', 'serialization',
+                       'serialization.py')
+  loop = os.path.join('lib', 'python3', 'asyncio', 'base_events.py')
+  assert is_failed_read_echo(*_raised_in(orbax, "ValueError('OUT_OF_RANGE')"))
+  assert is_failed_read_echo(*_raised_in(loop, "RuntimeError('Event loop is closed')"))
+  # anything else keeps being printed
+  assert not is_failed_read_echo(*_raised_in('mine.py', "RuntimeError('Event loop is closed')"))
+  assert not is_failed_read_echo(*_raised_in(loop, "RuntimeError('other')"))
+  assert not is_failed_read_echo(*_raised_in('mine.py', "ValueError('OUT_OF_RANGE')"))
+
+
 def test_no_readable_checkpoint_refuses(three_epochs, tmp_path):
   run, _, args = three_epochs
   work = tmp_path / 'w'
