@@ -13,6 +13,7 @@ Library functions never install signal handlers; the command lines do, here.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import signal
 import sys
@@ -58,6 +59,11 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     except Interrupted as e:
       print(str(e) or 'interrupted', file=sys.stderr, flush=True)
       sys.exit(e.exit_code)
+    finally:
+      # A dropped read keeps its exception in a reference cycle (task <-> traceback)
+      # that only the cyclic collector frees; collected at interpreter shutdown, it
+      # would be printed by Python's default hook, past the filter above.
+      gc.collect()
   return wrapped
 
 
