@@ -19,6 +19,7 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb'):
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp',
                              dir=directory)
   try:
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
     with os.fdopen(fd, mode) as f:
       yield f
       f.flush()
@@ -28,3 +29,9 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb'):
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask

@@ -12,10 +12,12 @@ Checkpoints written by `gear_jax.convert` load the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +146,67 @@ def _flatten(d: dict, prefix: str = '') -> dict:
   return out
 
 
+@dataclasses.dataclass
+class Trained:
+  """The parameters of one checkpoint, with the module they belong to."""
+  model: model_lib.GEAR
+  params: Any
+  step: int
+  meta: dict
+
+
+def load_trained(config, workdir: str, data, mesh, checkpoint: str = 'best') -> Trained:
+  """Restores checkpoint `checkpoint` ('best', 'latest' or a step) of `workdir` onto
+  `mesh`, for the data set `data` it was trained on.
+
+  Refused with the reason: a checkpoint made for another number of items, or (for
+  checkpoints that record it) another data file or other data settings than `data`'s.
+  An unreadable checkpoint is left as it is, with a hint to another one."""
+  store = ckpt_lib.CheckpointStore(workdir, read_only=True, num_items=data.num_items,
+                                   mesh=mesh)
+  try:
+    step = store.resolve(checkpoint)
+    others = [s for s in store.all_steps() if s != step]
+    shard_items = bool(config.mesh.shard_items)
+    model = model_lib.build(data.num_items, data.num_behaviors, config.model,
+                            config.model.precision,
+                            parallel.table_rows(data.num_items, mesh, shard_items))
+    target = steps.param_target(model, mesh, int(config.data.max_len), shard_items)
+    try:
+      meta = store.read_meta(step)
+      _check_same_data(meta, step, config, data)
+      params = store.restore(step, params_target=target)['params']
+    except CheckpointError as e:
+      best = store.best_step()
+      if best is not None and best != step:
+        hint = f'try --checkpoint best (step {best})'
+      elif others:
+        hint = f'try --checkpoint {others[-1]}'
+      else:
+        hint = 'it is the only one in this workdir'
+      raise CheckpointError(e.message, step=step,
+                            hint=f'the checkpoint is left as it is; {hint}') from None
+  finally:
+    store.close()
+  return Trained(model=model, params=params, step=step, meta=meta)
+
+
+def _check_same_data(meta: dict, step: int, config, data) -> None:
+  if meta.get('num_items') not in (None, data.num_items):
+    raise ConfigError(f'checkpoint {step} was made for {meta["num_items"]:,} items but '
+                      f'{config.data.path} has {data.num_items:,}',
+                      field='config.data.path',
+                      hint='point data.path at the data set the model was trained on')
+  key = meta.get('data_key')
+  if key is not None and key != data.key:
+    raise ConfigError(f'checkpoint {step} was trained on other data: the content of '
+                      f'{config.data.path} or the data settings (format, behaviors, '
+                      f'min_uc, split) changed since (preprocessing key {key} != '
+                      f'{data.key})', field='config.data.path',
+                      hint='use the data file and data.* settings the run was trained '
+                      "with (the run's config.json)")
+
+
 def run(config, workdir: str, *, checkpoint: str = 'best', split: str = 'val',
         protocol: str | None = None) -> dict:
   """Evaluates one checkpoint of `workdir`; returns the metrics and where they came from."""
@@ -159,38 +222,11 @@ def run(config, workdir: str, *, checkpoint: str = 'best', split: str = 'val',
                                   int(config.distributed.process_id))
   data, _ = load_dataset(config.data)
   mesh = parallel.make_mesh(int(config.mesh.data), int(config.mesh.model))
-  store = ckpt_lib.CheckpointStore(workdir, read_only=True, num_items=data.num_items,
-                                   mesh=mesh)
-  step = store.resolve(checkpoint)
-  others = [s for s in store.all_steps() if s != step]
-  shard_items = bool(config.mesh.shard_items)
-  model = model_lib.build(data.num_items, data.num_behaviors, config.model,
-                          config.model.precision,
-                          parallel.table_rows(data.num_items, mesh, shard_items))
-  target = steps.param_target(model, mesh, int(config.data.max_len), shard_items)
-  try:
-    meta = store.read_meta(step)
-    if meta.get('num_items') not in (None, data.num_items):
-      raise ConfigError(f'checkpoint {step} was made for {meta["num_items"]:,} items but '
-                        f'{config.data.path} has {data.num_items:,}',
-                        field='config.data.path',
-                        hint='point data.path at the data set the model was trained on')
-    params = store.restore(step, params_target=target)['params']
-  except CheckpointError as e:
-    best = store.best_step()
-    if best is not None and best != step:
-      hint = f'try --checkpoint best (step {best})'
-    elif others:
-      hint = f'try --checkpoint {others[-1]}'
-    else:
-      hint = 'it is the only one in this workdir'
-    raise CheckpointError(e.message, step=step,
-                          hint=f'the checkpoint is left as it is; {hint}') from None
-  evaluator = Evaluator(data, config, model, mesh, verbose=False)
+  trained = load_trained(config, workdir, data, mesh, checkpoint)
+  evaluator = Evaluator(data, config, trained.model, mesh, verbose=False)
   start = time.perf_counter()
-  result = evaluator.evaluate(params, split)
-  store.close()
-  return dict(checkpoint=step, epoch=meta.get('epoch'), split=split,
+  result = evaluator.evaluate(trained.params, split)
+  return dict(checkpoint=trained.step, epoch=trained.meta.get('epoch'), split=split,
               seconds=round(time.perf_counter() - start, 3), metrics=result)
 
 

@@ -652,23 +652,44 @@ def rank_in_catalogue(params, h_last: Array, target: Array, chunk: int = 16384,
   return ranks
 
 
-def top_k_in_catalogue(params, h_last: Array, k: int, chunk: int = 16384,
-                       precision=None, num_items: int | None = None,
-                       exclude: Array | None = None) -> tuple[Array, Array]:
-  """The `k` best items 1..V for each row: ([B, k] f32 scores, [B, k] int32 ids),
-  scores descending, ties broken by the lower item id; exact over the whole catalogue.
+# The top-K search (`top_k_in_catalogue`) at 99,037 items, batch 256, on CPU: items per
+# chunk of the first pass (8,192: ~20 ms a batch, as fast as counting a rank over the
+# catalogue; 16,384 and 32,768 were 5-30 % slower) and per group (16: more groups to
+# rank; 64: more candidates to score again).
+TOP_K_CHUNK = 8192
+TOP_K_GROUP = 32
 
-  Never materialises [B, V]: each item chunk's [B, chunk] scores are merged into the
-  running top k with `lax.top_k` (which keeps the earlier position first among equal
-  values; earlier positions are always lower ids). `exclude` ([B, H] item ids, 0 =
-  none) removes items per row (e.g. the user's history). Rows with fewer than k
-  allowed items are filled with id 0 and score -inf. `k` must be <= V."""
-  e, v1 = _catalogue_chunks(params, chunk, h_last.dtype, num_items)
+
+def top_k_in_catalogue(params, h_last: Array, k: int, chunk: int = TOP_K_CHUNK,
+                       precision=None, num_items: int | None = None,
+                       exclude: Array | None = None, group: int = TOP_K_GROUP
+                       ) -> tuple[Array, Array]:
+  """The `k` best items 1..V for each row: ([B, k] f32 scores, [B, k] int32 ids),
+  scores descending, ties broken by the lower item id; exact over the whole catalogue
+  (no approximate search).
+
+  Never materialises [B, V]. Two passes over the item table:
+  1. in item chunks, the [B, chunk] scores are reduced to the maximum of each group of
+     `group` consecutive ids ([B, V / group] in all);
+  2. the k groups with the highest maxima hold the k best items (an item in the top k
+     has fewer than k better items, so fewer than k groups have a better maximum; equal
+     maxima go to the lower group, which holds the lower ids). Their k * group items
+     are scored again and the top k of those is the answer.
+  A `lax.top_k` merge over whole chunks gives the same result 1.5-2x slower on CPU. The
+  second pass computes each dot product again in another kernel layout, so a returned
+  score may differ from `score_catalogue`'s in its last bit (< 1e-6 relative), and
+  two items whose scores agree to that precision may come out in either order.
+
+  `exclude` ([B, H] item ids, 0 = none) removes items per row (e.g. the user's
+  history). Rows with fewer than k allowed items are filled with id 0 and score -inf.
+  `k` must be <= V."""
+  chunk = -(-chunk // group) * group
+  e, v1 = _catalogue_chunks(params, chunk, h_last.dtype, num_items)  # [n, chunk, d]
   b = h_last.shape[0]
   rows = jnp.arange(b)[:, None]
+  per_chunk = chunk // group
 
-  def merge(carry, inputs):
-    best_s, best_i = carry
+  def group_max(inputs):  # pass 1, one chunk: [B, chunk / group]
     c, ec = inputs
     s = jnp.einsum('bd,cd->bc', h_last, ec, precision=precision,
                    preferred_element_type=jnp.float32)  # [B, chunk]
@@ -678,16 +699,26 @@ def top_k_in_catalogue(params, h_last: Array, k: int, chunk: int = 16384,
       pos = exclude - c * chunk  # [B, H]; out of this chunk -> dropped
       pos = jnp.where((exclude > 0) & (pos >= 0) & (pos < chunk), pos, chunk)
       allowed = allowed.at[rows, pos].set(False, mode='drop')
-    s = jnp.where(allowed, s, -jnp.inf)
-    both_s = jnp.concatenate([best_s, s], axis=1)
-    both_i = jnp.concatenate([best_i, jnp.broadcast_to(ids, s.shape)], axis=1)
-    top_s, where = jax.lax.top_k(both_s, k)
-    top_i = jnp.take_along_axis(both_i, where, axis=1)
-    return (top_s, jnp.where(jnp.isfinite(top_s), top_i, 0)), None
+    return jnp.where(allowed, s, -jnp.inf).reshape(b, per_chunk, group).max(axis=2)
 
-  init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.zeros((b, k), jnp.int32))
-  (scores, ids), _ = jax.lax.scan(merge, init, (jnp.arange(e.shape[0]), e))
-  return scores, ids
+  maxima = jax.lax.map(group_max, (jnp.arange(e.shape[0]), e))  # [n, B, chunk / group]
+  maxima = jnp.moveaxis(maxima, 0, 1).reshape(b, -1)  # [B, groups]
+  _, best = jax.lax.top_k(maxima, min(k, maxima.shape[1]))
+  best = jnp.sort(best, axis=1)  # ascending ids: top_k's tie rule keeps the lower id
+  ids = (best[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(b, -1)
+  table = item_embedding(params, num_items)
+  cand = jnp.take(table, jnp.minimum(ids, v1 - 1), axis=0).astype(h_last.dtype)
+  s = jnp.einsum('bd,bcd->bc', h_last, cand, precision=precision,
+                 preferred_element_type=jnp.float32)  # [B, k * group]
+  allowed = (ids >= 1) & (ids < v1)
+  if exclude is not None:  # where each excluded id sits among the candidates, if at all
+    match = ((exclude // group)[:, :, None] == best[:, None, :]) & (exclude > 0)[:, :, None]
+    pos = jnp.argmax(match, axis=2) * group + exclude % group  # [B, H]
+    pos = jnp.where(match.any(axis=2), pos, ids.shape[1])  # not a candidate -> dropped
+    allowed = allowed.at[rows, pos].set(False, mode='drop')
+  top_s, where = jax.lax.top_k(jnp.where(allowed, s, -jnp.inf), k)
+  top_i = jnp.take_along_axis(ids, where, axis=1)
+  return top_s, jnp.where(jnp.isfinite(top_s), top_i, 0)
 
 
 def count_params(params, num_items: int | None = None) -> int:

@@ -156,3 +156,14 @@ def eval_step(params, batch: dict[str, Array], *, model: model_lib.GEAR,
                                          model.precision, model.num_items)
     out[protocol] = metrics.rank_sums(rank, batch['mask'], ks)
   return out
+
+
+def recommend_step(params, batch: dict[str, Array], *, model: model_lib.GEAR, k: int,
+                   chunk: int = model_lib.TOP_K_CHUNK) -> tuple[Array, Array]:
+  """The top-k items for the scored slot of each window: ([B, k] f32 scores, [B, k]
+  int32 item ids), best first, over the whole catalogue (`model.top_k_in_catalogue`);
+  batch['exclude'] ([B, H] item ids, 0 = none) lists items not to return per row."""
+  h_last = model.apply({'params': params}, batch['items'], batch['behaviors'],
+                       batch['gaps'], method=model_lib.GEAR.last_state)  # [B, d]
+  return model_lib.top_k_in_catalogue(params, h_last, k, chunk, model.precision,
+                                      model.num_items, batch['exclude'])

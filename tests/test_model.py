@@ -338,28 +338,37 @@ def test_catalogue_scoring_helpers(small):
 
 # -- top-K over the whole catalogue (recommendation) --------------------------------------
 
-@pytest.mark.parametrize('chunk', [8, 64])
-def test_top_k_in_catalogue_equals_brute_force(chunk):
+@pytest.mark.parametrize('chunk,group,k', [(8, 4, 7), (64, 4, 7), (64, 32, 7), (8, 2, 37),
+                                           (16, 4, 1)])
+def test_top_k_in_catalogue_equals_brute_force(chunk, group, k):
+  """Ids equal a stable sort of the brute-force scores (ties: lower id first) for k < V
+  and k = V (the whole ranking), with per-row exclusions."""
   rng = np.random.default_rng(0)
-  v, d, b, k = 37, 6, 5, 7
+  v, d, b = 37, 6, 5
   table = rng.normal(size=(v + 1, d)).astype(np.float32)
-  table[[5, 9, 30]] = table[2]  # exact ties across chunks: the lower id must come first
+  table[[5, 9, 30]] = table[2]  # exact ties across chunks and groups: lower id first
   table[[12, 13]] = table[11]
   params = {'item_emb': {'embedding': jnp.asarray(table)}}
   h = jnp.asarray(rng.normal(size=(b, d)).astype(np.float32))
   h = h.at[0].set(jnp.asarray(table[2]))  # row 0 ranks the tied items 2/5/9/30 first
   exclude = np.zeros((b, 4), np.int32)
-  exclude[1] = [3, 17, 36, 0]
+  exclude[1] = [36, 17, 3, 0]
   exclude[2] = [2, 5, 0, 0]
   hp = jax.lax.Precision.HIGHEST
   scores, ids = jax.jit(lambda p, x, ex: M.top_k_in_catalogue(
-      p, x, k, chunk, hp, num_items=v, exclude=ex))(params, h, jnp.asarray(exclude))
+      p, x, k, chunk, hp, num_items=v, exclude=ex, group=group))(
+          params, h, jnp.asarray(exclude))
   full = np.asarray(M.score_catalogue(params, h, chunk, hp, num_items=v))  # [b, v + 1]
   for r in range(b):
     allowed = [i for i in range(1, v + 1) if i not in set(exclude[r]) - {0}]
     order = sorted(allowed, key=lambda i: (-full[r, i], i))[:k]
-    assert list(np.asarray(ids[r])) == order, (r, list(np.asarray(ids[r])), order)
-    np.testing.assert_array_equal(np.asarray(scores[r]), full[r, order])
-  assert list(np.asarray(ids[0])[:4]) == [2, 5, 9, 30]
+    got = list(np.asarray(ids[r]))
+    assert got[:len(order)] == order, (r, got, order)
+    assert got[len(order):] == [0] * (k - len(order))  # fewer allowed items than k
+    np.testing.assert_allclose(np.asarray(scores[r])[:len(order)], full[r, order],
+                               rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(scores[r])[len(order):] == -np.inf)
+  if k >= 4:
+    assert list(np.asarray(ids[0])[:4]) == [2, 5, 9, 30]
   assert not set(np.asarray(ids[1])) & {3, 17, 36}
   assert not set(np.asarray(ids[2])) & {2, 5}
