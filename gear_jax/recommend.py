@@ -27,6 +27,7 @@ In Python::
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import functools
 import os
@@ -50,9 +51,10 @@ class Recommender(serving.HistoryRecommender):
   """A trained checkpoint that recommends: `recommend` for users of the data file,
   `recommend_history` / `recommend_histories` for any shopper (see `gear_jax.serving`).
 
-  Runs on the first device, `batch_size` users at a time."""
+  Runs on the first device, `batch_size` users a step, two steps at once."""
 
-  def __init__(self, config, data, trained, *, workdir: str = '', batch_size: int = 256):
+  def __init__(self, config, data, trained, *, workdir: str = '',
+               batch_size: int = serving.BATCH_SIZE):
     import jax
     from gear_jax import steps
     self.config, self.data, self.workdir = config, data, workdir
@@ -68,7 +70,8 @@ class Recommender(serving.HistoryRecommender):
 
   @classmethod
   def load(cls, workdir: str, *, checkpoint: str = 'best',
-           overrides: dict[str, Any] | None = None, batch_size: int = 256
+           overrides: dict[str, Any] | None = None,
+           batch_size: int = serving.BATCH_SIZE
            ) -> Recommender:
     """The run in `workdir` (its config.json, with `overrides` as flat 'section.key'
     values) at checkpoint 'best', 'latest' or a step number."""
@@ -257,7 +260,8 @@ def _define_flags():
   flags.DEFINE_string('at', None, 'Request time: seconds (the data file\'s unit), an ISO '
                       "date-time or 'now'; default: right after the last interaction.")
   flags.DEFINE_string('output', None, 'recs.csv or recs.jsonl; default: CSV on stdout.')
-  flags.DEFINE_integer('batch_size', 256, 'Users per scoring step.')
+  flags.DEFINE_integer('batch_size', serving.BATCH_SIZE, 'Users per scoring step (two '
+                       'steps run at once).')
   flags.mark_flag_as_required('workdir')
 
 
@@ -338,17 +342,27 @@ def write_recommendations(rec: Recommender, hist: Histories, source: str, *, k: 
   done, first = 0, None  # first: (users, seconds) of the first batch (it compiles)
 
   def write_all(f):
+    # Rows are formatted and written by a helper thread while the next batch is scored
+    # (XLA runs without the GIL); at most one batch waits, and the order is kept.
     nonlocal done, first
     writer = RowWriter(f, os.path.splitext(output)[1].lower() if output else '.csv',
                        rec.vocab)
-    for part, scores, ids in rec.iter_batches(hist, k=k, exclude=exclude, at=at):
-      if stop is not None and stop.requested:
-        raise Interrupted(stop.signum, 'interrupted: '
-                          + (f'{output} was not written' if output else 'output incomplete'))
-      writer.write(serving.readable(hist.users[part]), ids, scores)
-      done += len(part)
-      first = first or (done, time.perf_counter() - start)
-      progress.update(done)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pending = None
+      for part, scores, ids in rec.iter_batches(hist, k=k, exclude=exclude, at=at):
+        if stop is not None and stop.requested:
+          raise Interrupted(stop.signum, 'interrupted: '
+                            + (f'{output} was not written' if output else
+                               'output incomplete'))
+        if pending is not None:
+          pending.result()
+        pending = pool.submit(writer.write, serving.readable(hist.users[part]), ids,
+                              scores)
+        done += len(part)
+        first = first or (done, time.perf_counter() - start)
+        progress.update(done)
+      if pending is not None:
+        pending.result()
     return writer.rows
 
   if output is None:

@@ -28,6 +28,8 @@ artifact and the Python model see identical inputs:
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -40,6 +42,10 @@ import numpy as np
 FORMAT = 'gear_jax.serving/1'
 EXCLUDE = ('none', 'seen', 'target')
 SIDECAR_SUFFIX = '.vocab.json'
+# Users per scoring step, two steps in flight (`HistoryRecommender.iter_batches`): at
+# 99,037 items on 2 CPU cores 128 x 2 is as fast as 256 x 2 and its peak RSS stayed at
+# 0.65-0.91 GB in 7 runs (256 x 2: 0.72-1.27 GB in 13).
+BATCH_SIZE = 128
 _MAX_GAP = 2**31 - 1  # gaps are int32 seconds in the model
 
 
@@ -387,11 +393,12 @@ def _notice(message: str) -> None:
 class HistoryRecommender:
   """Top-K recommendation from histories; a subclass provides the scorer.
 
-  Subclasses set `vocab`, `batch_size`, `max_k` and implement `score_batch(items,
+  Subclasses set `vocab`, `batch_size`, `max_k` (and may set `workers`) and implement `score_batch(items,
   behaviors, gaps, exclude)` -> ([B, k] scores, [B, k] dense ids) for a batch of
   exactly `batch_size` rows. `notify` receives notices (stderr by default)."""
   vocab: Vocabulary
-  batch_size: int = 256
+  batch_size: int = BATCH_SIZE
+  workers: int = 2  # batches scored at once (see `iter_batches`)
   max_k: int | None = None
   notify: Callable[[str], None] = staticmethod(_notice)
 
@@ -413,15 +420,19 @@ class HistoryRecommender:
 
   def iter_batches(self, hist: Histories, *, k: int, exclude: str = 'none', at=None
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yields (rows of `hist`, [b, k] scores, [b, k] dense ids) batch by batch; users
-    with an empty history are skipped. `k` must already be clamped."""
+    """Yields (rows of `hist`, [b, k] scores, [b, k] dense ids) batch by batch, in
+    order; users with an empty history are skipped. `k` must already be clamped.
+
+    `workers` batches are scored at once, each in its own thread: a CPU runs many of
+    the model's small operations on one core, so two batches in flight keep both
+    cores of a 2-core machine busy (+10-25 % users/s measured at 99,037 items)."""
     at_all = None if at is None else np.broadcast_to(np.asarray(at, np.int64),
                                                      (len(hist),))
     rows = np.flatnonzero(hist.lengths > 0)
     width = exclusion_width(hist, exclude, self.vocab.target)  # one for all batches
     size = self.batch_size
-    for lo in range(0, len(rows), size):
-      part = rows[lo:lo + size]
+
+    def batch(part):
       sub = hist.take(part)
       inputs = model_inputs(sub, self.vocab, None if at_all is None else at_all[part])
       ex = exclusions(sub, exclude, self.vocab.target, width)
@@ -429,9 +440,21 @@ class HistoryRecommender:
       if pad:
         inputs = {name: np.pad(v, ((0, pad), (0, 0))) for name, v in inputs.items()}
         ex = np.pad(ex, ((0, pad), (0, 0)))
-      scores, ids = self.score_batch(inputs['items'], inputs['behaviors'], inputs['gaps'],
-                                     ex, k)
-      yield part, np.asarray(scores)[:len(part)], np.asarray(ids)[:len(part)]
+      return inputs['items'], inputs['behaviors'], inputs['gaps'], ex, k
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, self.workers)) as pool:
+      pending = collections.deque()
+      for lo in range(0, len(rows), size):
+        part = rows[lo:lo + size]
+        pending.append((part, pool.submit(self.score_batch, *batch(part))))
+        if len(pending) >= self.workers:
+          part, done = pending.popleft()
+          scores, ids = done.result()
+          yield part, np.asarray(scores)[:len(part)], np.asarray(ids)[:len(part)]
+      while pending:
+        part, done = pending.popleft()
+        scores, ids = done.result()
+        yield part, np.asarray(scores)[:len(part)], np.asarray(ids)[:len(part)]
 
   def prepare(self, hist: Histories, *, k: int, at=None) -> tuple[Histories, int]:
     """(`hist` as of `at`, `k` clamped to the catalogue), with notices."""
@@ -482,7 +505,8 @@ class ServedModel(HistoryRecommender):
   """An exported recommender: `recommend_history` / `recommend_histories` as in
   `gear_jax.Recommender`, and `score_batch` for pre-built inputs."""
 
-  def __init__(self, exported, vocab: Vocabulary, info: dict, batch_size: int = 256):
+  def __init__(self, exported, vocab: Vocabulary, info: dict,
+               batch_size: int = BATCH_SIZE):
     self.exported, self.vocab, self.info = exported, vocab, info
     self.max_k = int(info['k'])
     self.batch_size = batch_size
@@ -497,7 +521,7 @@ class ServedModel(HistoryRecommender):
     return np.asarray(scores)[:, :k], np.asarray(ids)[:, :k]
 
 
-def load(path: str, *, batch_size: int = 256) -> ServedModel:
+def load(path: str, *, batch_size: int = BATCH_SIZE) -> ServedModel:
   """Loads an artifact written by ``python -m gear_jax.export`` and its sidecar."""
   from jax import export as jax_export
   path = os.fspath(path)

@@ -1,21 +1,23 @@
 """Recommendation throughput against full-ranking evaluation, side by side, one command.
 
   python scripts/benchmark_recommend.py [--items 99037] [--users 20000] [--k 10]
-      [--batch 256] [--rounds 2] [--exclude none|seen|target] [--json]
+      [--batch 128] [--eval_batch 256] [--rounds 2] [--exclude none|seen|target] [--json]
 
 Builds once (in --dir, default a temporary folder) a synthetic data set whose catalogue
-is exactly --items items (the synthetic generator's users, plus a few short filler
-users that touch the items it left out) and a run directory holding a real orbax
-checkpoint of freshly initialised retail-shaped parameters (L = 50, d = 32, 4 upper
-blocks; throughput does not depend on the weights). Then, alternating for --rounds:
+is exactly --items items (the synthetic generator's users, plus filler users with three
+views each of the items it left out: 2,742 of them at the defaults) and a run directory
+with a real orbax checkpoint of freshly initialised retail-shaped parameters (L = 50,
+d = 32, 4 upper blocks; throughput does not depend on the weights). Then, alternating
+for --rounds:
 
   eval       evaluation with protocol 'full' over the validation cases (the trainer's
              Evaluator: grain pipeline + model + rank over the whole catalogue),
-             end to end, second pass (the first compiles)
-  recommend  `gear_jax.recommend` end to end for the generator's users: histories from
-             the data file, input windows, top-k over the whole catalogue, CSV rows
-             written to a file (`write_recommendations`, what the CLI runs), after
-             one compiling batch
+             end to end, the faster of two passes after a compiling one
+  recommend  `gear_jax.recommend` end to end for the generator's users (--batch users a
+             step, two steps at once): histories from the data file, input windows,
+             top-k over the whole catalogue, CSV rows written to a file
+             (`write_recommendations`, what the CLI runs), the faster of two passes
+             after one compiling batch
 
 Each phase runs in its own process, so its peak RSS (its own ru_maxrss) is its own.
 Prints per round and the median users/s of each, and the ratio recommend / eval.
@@ -34,8 +36,10 @@ import time
 
 import numpy as np
 
+PASSES = 2  # timed passes per phase; the faster one counts (this machine is noisy)
 
-def build(directory: str, items: int, users: int, batch: int) -> tuple[str, str, str]:
+def build(directory: str, items: int, users: int, eval_batch: int
+          ) -> tuple[str, str, str]:
   """(data file, run directory, users file) in `directory`, made on first use."""
   data_path = os.path.join(directory, f'bench_{items}.txt')
   workdir = os.path.join(directory, f'run_{items}')
@@ -61,7 +65,7 @@ def build(directory: str, items: int, users: int, batch: int) -> tuple[str, str,
   config = defaults.get_default_config()
   config.data.path = data_path
   config.data.cache_dir = os.path.join(directory, 'cache')
-  config.eval.batch_size = batch
+  config.eval.batch_size = eval_batch
   config.eval.protocol = 'full'
   data, _ = load_dataset(config.data)
   assert data.num_items == items, (data.num_items, items)
@@ -90,9 +94,12 @@ def phase_eval(workdir: str) -> dict:
   trained = evaluate.load_trained(config, workdir, data, mesh)
   evaluator = evaluate.Evaluator(data, config, trained.model, mesh, verbose=False)
   evaluator.evaluate(trained.params, 'val')  # compiles
-  start = time.perf_counter()
-  metrics = evaluator.evaluate(trained.params, 'val')
-  seconds = time.perf_counter() - start
+  times = []
+  for _ in range(PASSES):
+    start = time.perf_counter()
+    metrics = evaluator.evaluate(trained.params, 'val')
+    times.append(time.perf_counter() - start)
+  seconds = min(times)
   cases = evaluator.num_cases('val')
   return dict(users=cases, seconds=round(seconds, 3), users_per_s=round(cases / seconds, 1),
               ndcg10=round(metrics['val/NDCG@10'], 5))
@@ -108,9 +115,12 @@ def phase_recommend(workdir: str, users_path: str, k: int, batch: int, exclude: 
   assert not missing
   next(rec.iter_batches(hist, k=k, exclude=exclude))  # compiles, off the clock
   out = os.path.join(out_dir, 'recs.csv')
-  with open(os.devnull, 'w') as devnull, contextlib.redirect_stderr(devnull):
-    summary = recommend.write_recommendations(rec, hist, users_path, k=k, exclude=exclude,
-                                              at=None, output=out)
+  runs = []
+  for _ in range(PASSES):
+    with open(os.devnull, 'w') as devnull, contextlib.redirect_stderr(devnull):
+      runs.append(recommend.write_recommendations(rec, hist, users_path, k=k,
+                                                  exclude=exclude, at=None, output=out))
+  summary = min(runs, key=lambda r: r['seconds'])
   return dict(users=summary['users'], rows=summary['rows'],
               seconds=round(summary['seconds'], 3),
               users_per_s=round(summary['users'] / summary['seconds'], 1),
@@ -121,7 +131,8 @@ def run_phase(args, name: str) -> dict:
   """One phase in a child process; its JSON plus its own peak RSS."""
   cmd = [sys.executable, os.path.abspath(__file__), '--phase', name, '--dir', args.dir,
          '--items', str(args.items), '--users', str(args.users), '--k', str(args.k),
-         '--batch', str(args.batch), '--exclude', args.exclude]
+         '--batch', str(args.batch), '--eval_batch', str(args.eval_batch),
+         '--exclude', args.exclude]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode:
     raise SystemExit(f'phase {name} failed:\n{proc.stderr[-3000:]}')
@@ -135,7 +146,8 @@ def main():
   p.add_argument('--items', type=int, default=99_037)
   p.add_argument('--users', type=int, default=20_000)
   p.add_argument('--k', type=int, default=10)
-  p.add_argument('--batch', type=int, default=256)
+  p.add_argument('--batch', type=int, default=128, help='recommend: users per step')
+  p.add_argument('--eval_batch', type=int, default=256, help='eval.batch_size')
   p.add_argument('--rounds', type=int, default=2)
   p.add_argument('--exclude', default='none', choices=['none', 'seen', 'target'])
   p.add_argument('--dir', default=None, help='where the data and run are kept')
@@ -145,7 +157,7 @@ def main():
   args = p.parse_args()
   if args.phase:
     import resource
-    _, workdir, users_path = build(args.dir, args.items, args.users, args.batch)
+    _, workdir, users_path = build(args.dir, args.items, args.users, args.eval_batch)
     with tempfile.TemporaryDirectory() as out_dir:
       result = (phase_eval(workdir) if args.phase == 'eval' else
                 phase_recommend(workdir, users_path, args.k, args.batch, args.exclude,
@@ -156,7 +168,7 @@ def main():
   keep = args.dir is not None
   args.dir = args.dir or tempfile.mkdtemp(prefix='gear_bench_recommend_')
   start = time.perf_counter()
-  build(args.dir, args.items, args.users, args.batch)
+  build(args.dir, args.items, args.users, args.eval_batch)
   setup_s = time.perf_counter() - start
   rounds = []
   for r in range(args.rounds):
@@ -170,7 +182,8 @@ def main():
             f'{c["peak_rss_mb"]:,.0f} MB)', flush=True)
   med = {name: statistics.median(r[name]['users_per_s'] for r in rounds)
          for name in ('eval', 'recommend')}
-  summary = dict(items=args.items, k=args.k, batch=args.batch, exclude=args.exclude,
+  summary = dict(items=args.items, k=args.k, batch=args.batch, eval_batch=args.eval_batch,
+                 exclude=args.exclude,
                  setup_s=round(setup_s, 1), rounds=rounds,
                  eval_full_users_per_s=med['eval'], recommend_users_per_s=med['recommend'],
                  ratio=round(med['recommend'] / med['eval'], 3),

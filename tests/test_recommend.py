@@ -30,6 +30,11 @@ def run(tmp_path_factory):
   items = [f'{int(i):04d}' for i in cols['item']]
   behaviors = [synthetic.BEHAVIORS[int(b)] for b in cols['behavior']]
   stamps = [int(t) for t in cols['timestamp']]
+  # a shopper below min_uc (3): not trained on, still recommended for
+  users += ['short', 'short']
+  items += ['0001', '0002']
+  behaviors += ['pv', 'cart']
+  stamps += [1501137700, 1501137760]
   data = root / 'shop.tsv'
   data.write_text(''.join(f'{u}\t{i}\t{b}\t{t}\n'
                           for u, i, b, t in zip(users, items, behaviors, stamps)))
@@ -64,8 +69,9 @@ def _history(run, user: str, behavior: str | None = None) -> set[str]:
 
 def test_cli_raw_ids_exclusions_and_unknown_users(run, tmp_path):
   """Text ids keep their leading zeros ('007' and '7' are different users); --exclude
-  seen / target never return an excluded item; unknown ids are warned about."""
-  users = ['007', '7', '0007', '150', 'nobody']
+  seen / target never return an excluded item; unknown ids are warned about; a user
+  below min_uc is scored."""
+  users = ['007', '7', '0007', '150', 'nobody', 'short']
   users_file = tmp_path / 'users.txt'
   users_file.write_text('\n'.join(users) + '\n\n')
   seen = tmp_path / 'seen.csv'
@@ -73,9 +79,9 @@ def test_cli_raw_ids_exclusions_and_unknown_users(run, tmp_path):
                    '--output', str(seen))
   assert out.returncode == 0, out.stderr[-3000:]
   assert "2 user ids are not in" in out.stderr and "'0007', 'nobody'" in out.stderr
-  assert 'recommended top 20 of 150 items to 3 users (60 rows)' in out.stderr
+  assert 'recommended top 20 of 150 items to 4 users (80 rows)' in out.stderr
   recs = _read_csv(seen)
-  assert list(recs) == ['007', '7', '150']  # the order asked for
+  assert list(recs) == ['007', '7', '150', 'short']  # the order asked for
   assert [r for r, _, _ in recs['007']] == list(range(1, 21))
   assert recs['007'] != recs['7']
   for user, rows in recs.items():
