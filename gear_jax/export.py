@@ -22,15 +22,16 @@ import sys
 import time
 
 from gear_jax import cli, serving
-from gear_jax.errors import ConfigError, UserError
+from gear_jax.errors import ConfigError, Interrupted, UserError
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
 def export_recommender(rec, path: str, *, k: int = 100,
-                       platforms: tuple[str, ...] = ('cpu', 'cuda')) -> dict:
+                       platforms: tuple[str, ...] = ('cpu', 'cuda'), stop=None) -> dict:
   """Serialises `rec`'s scoring function (a `gear_jax.Recommender`) to `path` and its
-  sidecar; returns the sidecar's content."""
+  sidecar; returns the sidecar's content. `stop` (a `cli.GracefulStop`) is checked
+  before anything is written; once writing starts, both files are completed."""
   import jax
   import jax.numpy as jnp
   from gear_jax import atomic, steps
@@ -60,7 +61,9 @@ def export_recommender(rec, path: str, *, k: int = 100,
                   data_key=rec.data.key),
       created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
       jax_version=jax.__version__)
-  # the artifact first: a stop between the two leaves a sidecar whose hash refuses it
+  if stop is not None and stop.requested:
+    raise Interrupted(stop.signum, f'interrupted: {path} was not written')
+  # the artifact first: a crash between the two leaves a sidecar whose hash refuses it
   with atomic.atomic_write(path) as f:
     f.write(data)
   with atomic.atomic_write(serving.sidecar_path(path), 'w') as f:
@@ -107,10 +110,12 @@ def main(argv):
   from gear_jax import hostalloc
   hostalloc.configure()  # before XLA starts its threads; see gear_jax/hostalloc.py
   start = time.perf_counter()
-  rec = recommend.Recommender.load(
-      f.workdir, checkpoint=f.checkpoint,
-      overrides=config_flags.get_override_values(f['config']))
-  info = export_recommender(rec, f.output, k=f.k, platforms=tuple(f.platforms))
+  with cli.GracefulStop() as stop:
+    rec = recommend.Recommender.load(
+        f.workdir, checkpoint=f.checkpoint,
+        overrides=config_flags.get_override_values(f['config']))
+    info = export_recommender(rec, f.output, k=f.k, platforms=tuple(f.platforms),
+                              stop=stop)
   size = os.path.getsize(f.output) / 2**20
   print(f'exported checkpoint step {rec.step} (epoch {info["source"]["epoch"]}) of '
         f'{f.workdir}: top {info["k"]} of {rec.vocab.num_items:,} items, platforms '

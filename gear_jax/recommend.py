@@ -291,26 +291,26 @@ def main(argv):
   from gear_jax import hostalloc
   hostalloc.configure()  # before XLA starts its threads; see gear_jax/hostalloc.py
   run_overrides, history_overrides = split_overrides(f['config'])
-  rec = Recommender.load(f.workdir, checkpoint=f.checkpoint, overrides=run_overrides,
-                         batch_size=f.batch_size)
-  history_config = rec.config.data
-  if history_overrides:
-    history_config = history_config.copy_and_resolve_references()
-    history_config.update_from_flattened_dict(
-        {k[len('data.'):]: v for k, v in history_overrides.items()})
-  if f.history:
-    hist = rec.read_histories(f.history, history_config)
-    source = f.history
-  else:
-    hist, missing = rec.select_users(users)
-    if missing:
-      print(f'warning: {unknown_users_message(missing, rec.config.data.path)}',
-            file=sys.stderr, flush=True)
-    source = rec.config.data.path
-  divisor = 1000 if (history_config.format == 'csv'
-                     and history_config.csv.timestamp_unit == 'ms') else 1
-  at = None if f.at is None else parse_time(f.at, divisor)
-  with cli.GracefulStop() as stop:
+  with cli.GracefulStop() as stop:  # checked between batches: a clean stop, no output
+    rec = Recommender.load(f.workdir, checkpoint=f.checkpoint, overrides=run_overrides,
+                           batch_size=f.batch_size)
+    history_config = rec.config.data
+    if history_overrides:
+      history_config = history_config.copy_and_resolve_references()
+      history_config.update_from_flattened_dict(
+          {k[len('data.'):]: v for k, v in history_overrides.items()})
+    if f.history:
+      hist = rec.read_histories(f.history, history_config)
+      source = f.history
+    else:
+      hist, missing = rec.select_users(users)
+      if missing:
+        print(f'warning: {unknown_users_message(missing, rec.config.data.path)}',
+              file=sys.stderr, flush=True)
+      source = rec.config.data.path
+    divisor = 1000 if (history_config.format == 'csv'
+                       and history_config.csv.timestamp_unit == 'ms') else 1
+    at = None if f.at is None else parse_time(f.at, divisor)
     write_recommendations(rec, hist, source, k=f.k, exclude=f.exclude, at=at,
                           output=f.output, stop=stop)
 
