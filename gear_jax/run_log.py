@@ -49,19 +49,25 @@ def _plain(x):
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The rows of metrics.jsonl (a torn last line of a killed run is left out)."""
+  return read_metrics_checked(workdir)[0]
+
+
+def read_metrics_checked(workdir: str) -> tuple[list[dict], int]:
+  """(rows of metrics.jsonl, bytes of a torn last line that was left out, 0 if none)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
-    return []
+    return [], 0
   out = []
   with open(path) as f:
     for line in f:
-      line = line.strip()
-      if line:
+      text = line.strip()
+      if text:
         try:
-          out.append(json.loads(line))
+          out.append(json.loads(text))
         except json.JSONDecodeError:
-          break  # a torn last line of a killed run
-  return out
+          return out, len(line)  # a torn last line of a killed run
+  return out, 0
 
 
 def _scalars_of(record: dict) -> dict[str, float]:

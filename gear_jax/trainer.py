@@ -252,6 +252,32 @@ def _restore_or_init(run: _Run) -> None:
     run.log.truncate_metrics(0)
   run.step = int(parallel.to_host(run.state.step))
   run.log.write_config(run.config.to_dict())
+  if run.log.enabled:
+    run_log.write_json(os.path.join(run.workdir, 'run.json'), _run_record(run))
+
+
+def _run_record(run: _Run) -> dict:
+  """run.json: what a report needs besides config and metrics (environment, data
+  statistics, model size), recorded when the run (or its resume) starts."""
+  import importlib.metadata
+  import platform
+  from gear_jax.data import preprocess
+  versions = {}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain'):
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = 'not installed'
+  device = jax.devices()[0]
+  env = dict(**versions, python=platform.python_version(),
+             device=f'{device.platform} ({device.device_kind})',
+             devices=jax.device_count(), processes=jax.process_count(),
+             mesh=' x '.join(f'{k}={v}' for k, v in run.mesh.shape.items()),
+             shard_items=bool(run.config.mesh.shard_items),
+             precision=run.config.model.precision, host=platform.node())
+  return dict(environment=env, data=preprocess.summary(run.data),
+              model=dict(params=run.n_params),
+              started=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
 
 
 def _stop_if_requested(run: _Run, stop) -> None:
@@ -365,10 +391,22 @@ def _summarize(run: _Run) -> dict:
     _log('test (best checkpoint): ' + '  '.join(
         f'{k} {v:.4f}' for k, v in summary['test'].items() if k.endswith('@10')))
   run.log.write_summary(summary)
+  if is_main:
+    _write_report(run.workdir)
   if es.best_epoch >= 0:
     _log(f'best {monitor} {es.best:.4f} at epoch {es.best_epoch} '
          f'(checkpoint step {es.best_step}) -> {run.workdir}')
   return summary
+
+
+def _write_report(workdir: str) -> None:
+  """report.md and its figures; a failure here is a warning, never a failed run."""
+  from gear_jax import report
+  try:
+    report.write_report(workdir)
+  except Exception as e:  # noqa: BLE001 - the run itself has finished and is saved
+    _log(f'warning: the report could not be written ({type(e).__name__}: {e}); '
+         f'python -m gear_jax.report --workdir {workdir} tries again', err=True)
 
 
 # -- the whole run ----------------------------------------------------------------------
