@@ -82,6 +82,19 @@ def get_default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def flat_config(config) -> dict:
+  """{'model.d_model': 32, ...} of a ConfigDict or a plain nested dict."""
+  out = {}
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(v, f'{prefix}{k}.')
+      else:
+        out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+  walk(config if isinstance(config, dict) else config.to_dict(), '')
+  return out
+
+
 _CHOICES = {
     'data.format': ('tsv', 'taobao', 'csv'),
     'data.split': ('val', 'val_test'),

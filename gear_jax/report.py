@@ -70,7 +70,6 @@ def _finite(x) -> bool:
 
 def load_run(workdir: str) -> RunRecord:
   """Reads a run directory; a clear error when it holds no metrics."""
-  from gear_jax.trainer import flat_config
   if not os.path.isdir(workdir):
     raise UserError(f'{workdir} is not a directory', hint='pass a run directory '
                     '(the --workdir of gear_jax.train)')
@@ -80,7 +79,7 @@ def load_run(workdir: str) -> RunRecord:
     raise UserError(f'{workdir} holds no config.json: not a run directory',
                     hint='pass the --workdir of a gear_jax.train run')
   with open(config_path) as f:
-    config = flat_config(json.load(f))
+    config = defaults.flat_config(json.load(f))
   metrics, torn = run_log.read_metrics_checked(workdir)
   if torn:
     notices.append(f'metrics.jsonl: a torn last line ({torn} bytes) was ignored')
@@ -286,7 +285,6 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def build_report(record: RunRecord, figures: dict[str, str]) -> str:
   """The Markdown text; `figures` maps 'curves' / 'at_k' to relative file names."""
-  from gear_jax.trainer import flat_config
   lines = [f'# Run report: {record.workdir}', '']
   lines.append(f'Made {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} by '
                '`python -m gear_jax.report` from config.json, metrics.jsonl, '
@@ -303,7 +301,7 @@ def build_report(record: RunRecord, figures: dict[str, str]) -> str:
                     len(record.metrics), s.get('early_stopped', 'not yet'),
                     s.get('num_params', record.info.get('model', {}).get('params'))]])
   # configuration: what differs from the defaults first
-  default = flat_config(defaults.get_default_config())
+  default = defaults.flat_config(defaults.get_default_config())
   changed = [[k, _value(v), _value(default[k]) if k in default else '(none)']
              for k, v in sorted(record.config.items()) if default.get(k) != v]
   same = [[k, _value(v)] for k, v in sorted(record.config.items())
@@ -461,8 +459,9 @@ def comparison_rows(records: list[RunRecord]) -> tuple[list[str], list[list], li
   rows = []
   for group in group_by_seed(records):
     name = os.path.basename(os.path.normpath(group[0].workdir))
-    if len(group) > 1:  # a sweep's 'lr=0.001,seed=1' -> 'lr=0.001'
-      name = re.sub(r'(^|,)seed=[^,]*', '', name).strip(',') or name
+    if len(group) > 1:  # a sweep's 'lr=0.001,seed=1' -> 'lr=0.001'; 'seed=1' -> its sweep
+      name = (re.sub(r'(^|,)seed=[^,]*', '', name).strip(',') or
+              os.path.basename(os.path.dirname(os.path.normpath(group[0].workdir))))
     row = [name, ', '.join(str(r.config.get('seed')) for r in group)]
     for kind, get in cols:
       mean, std = _mean_std([get(r) for r in group])

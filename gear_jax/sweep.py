@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from gear_jax import cli
+from gear_jax import cli, defaults
 from gear_jax.errors import ConfigError, UserError
 
 
@@ -71,8 +71,7 @@ def main(argv):
   f = flags.FLAGS
   config = f['config'].value
   sets = parse_sets(f.set)
-  from gear_jax.trainer import flat_config
-  flat = flat_config(config)
+  flat = defaults.flat_config(config)
   for key, _ in sets:
     if key not in flat:
       raise ConfigError(f'--set {key}: not a config key', field='--set',

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gear_jax import checkpoint as ckpt_lib
 from gear_jax import defaults, hostalloc, parallel, run_log, steps
+from gear_jax.defaults import flat_config
 from gear_jax import model as model_lib
 from gear_jax.data import load_dataset
 from gear_jax.data import pipeline as pipeline_lib
@@ -66,19 +67,6 @@ class EarlyStopping:
   def state(self) -> dict:
     return dict(best=self.best, best_epoch=self.best_epoch, best_step=self.best_step,
                 bad_epochs=self.bad_epochs, best_metrics=self.best_metrics)
-
-
-def flat_config(config) -> dict:
-  """{'model.d_model': 32, ...} of a ConfigDict or a plain nested dict."""
-  out = {}
-  def walk(d, prefix):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        walk(v, f'{prefix}{k}.')
-      else:
-        out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  walk(config if isinstance(config, dict) else config.to_dict(), '')
-  return out
 
 
 def check_resumable(saved: dict, config) -> None:
