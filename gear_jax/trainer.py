@@ -141,16 +141,9 @@ def _build(config, workdir: str) -> _Run:
        f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
 
   # Compiled ahead of time for the one batch shape there is (the last batch of an
-  # epoch is padded), with the state's shardings pinned on both sides, so the loop can
-  # never trigger a recompile and the donated state keeps its layout step after step.
-  state_sh = parallel.state_shardings(state, mesh, shard_items)
+  # epoch is padded), so the loop can never trigger a recompile.
   batch = parallel.abstract_batch(train_batches(0), mesh, pcount)
-  jitted = jax.jit(functools.partial(
-      steps.train_step, model=model, tx=tx, alpha=float(config.train.alpha),
-      loss_impl=config.train.loss, loss_memory_mb=float(config.train.loss_memory_mb),
-      vocab_shards=mesh.shape[parallel.MODEL] if shard_items else 1),
-      in_shardings=(state_sh, {k: v.sharding for k, v in batch.items()}),
-      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+  jitted = jit_train_step(config, model, tx, mesh, state, batch)
   t0 = time.perf_counter()
   train_step = jitted.lower(state, batch).compile()
   _log(f'compiled the train step in {time.perf_counter() - t0:.1f}s')
@@ -163,6 +156,21 @@ def _build(config, workdir: str) -> _Run:
               store=_open_store(workdir, data.num_items, mesh),
               log=run_log.RunLog(workdir, enabled=jax.process_index() == 0),
               es=EarlyStopping(int(config.train.patience)), n_params=n_params)
+
+
+def jit_train_step(config, model: model_lib.GEAR, tx, mesh, state: steps.TrainState,
+                   batch) -> Any:
+  """The jitted train step as the trainer runs it, for `batch` (abstract, sharded):
+  the state's shardings pinned on both sides, so the donated state keeps its layout
+  step after step."""
+  shard_items = bool(config.mesh.shard_items)
+  state_sh = parallel.state_shardings(state, mesh, shard_items)
+  return jax.jit(functools.partial(
+      steps.train_step, model=model, tx=tx, alpha=float(config.train.alpha),
+      loss_impl=config.train.loss, loss_memory_mb=float(config.train.loss_memory_mb),
+      vocab_shards=mesh.shape[parallel.MODEL] if shard_items else 1),
+      in_shardings=(state_sh, {k: v.sharding for k, v in batch.items()}),
+      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
 
 
 def _no_readable_checkpoint(directory: str, reasons: list[str]) -> CheckpointError:
