@@ -379,6 +379,19 @@ def _default_max_token_chunk() -> int:
   return _MAX_TOKEN_CHUNK_CPU if jax.default_backend() == "cpu" else _MAX_TOKEN_CHUNK
 
 
+def token_chunk_for(num_positions: int, vocab_size: int, memory_budget_mb: float,
+                    max_token_chunk: int | None = None) -> int:
+  """Tokens per chunk for [num_positions, vocab_size] logits: the largest power of two T
+  with T * vocab_size * 12 bytes within the budget, clamped to [8, max_token_chunk]
+  (default 512 on CPU, 4096 elsewhere), then evened out over the positions."""
+  if max_token_chunk is None:
+    max_token_chunk = _default_max_token_chunk()
+  budget = float(memory_budget_mb) * 2**20
+  t_pow2 = min(_floor_pow2(budget / (int(vocab_size) * _BYTES_PER_LOGIT)), _MAX_TOKEN_CHUNK)
+  cap = max(min(t_pow2, int(max_token_chunk)), _MIN_TOKEN_CHUNK)
+  return _balanced(int(num_positions), cap, _MIN_TOKEN_CHUNK)
+
+
 def plan_chunks(num_positions: int, vocab_size: int, memory_budget_mb: float = 256.0,
                 max_token_chunk: int | None = None) -> dict:
   """How `linear_cross_entropy(impl='auto')` will chunk a [num_positions, vocab_size] head.
@@ -399,8 +412,7 @@ def plan_chunks(num_positions: int, vocab_size: int, memory_budget_mb: float = 2
     max_token_chunk = _default_max_token_chunk()
   t_pow2 = min(_floor_pow2(budget / (v * _BYTES_PER_LOGIT)), _MAX_TOKEN_CHUNK)
   if n <= t_pow2 or t_pow2 >= _MIN_USEFUL_TOKEN_CHUNK:
-    cap = max(min(t_pow2, int(max_token_chunk)), _MIN_TOKEN_CHUNK)
-    token_chunk = _balanced(n, cap, _MIN_TOKEN_CHUNK)
+    token_chunk = token_chunk_for(n, v, memory_budget_mb, max_token_chunk)
     est = token_chunk * v * _BYTES_PER_LOGIT
     return dict(
       impl="token", token_chunk=token_chunk, vocab_chunk=None,
@@ -447,8 +459,8 @@ def linear_cross_entropy(
     kind = "token"
   if kind == "token":
     chunk = plan["token_chunk"]
-    if chunk is None:  # forced 'token' where the plan wanted vocab chunks: smallest chunk
-      chunk = _MIN_TOKEN_CHUNK
+    if chunk is None:  # 'token' where the plan wanted vocab chunks: what the budget holds
+      chunk = token_chunk_for(n, -(-v // vocab_shards), memory_budget_mb)
     return chunked_linear_cross_entropy(hidden, embedding, labels, weights, token_chunk=chunk, **kw)
   chunk = plan["vocab_chunk"]
   if chunk is None:  # forced 'vocab' where the plan wanted token chunks: size from N

@@ -167,6 +167,13 @@ def test_plan_chunks():
   # Everything fits in one chunk: no padding, a single token chunk.
   plan = losses.plan_chunks(37, 101, 256.0)
   assert plan == dict(plan, impl="token", token_chunk=37, num_chunks=1)
+  # Token chunks where the plan wants vocabulary chunks (a sharded table keeps to token
+  # chunks): as many tokens as the budget holds, not a fixed 8. ijcai on 2 shards:
+  # 874,307 / 2 items per device -> 32 tokens (168 MB) -> 200 scan steps instead of 800.
+  assert losses.plan_chunks(6400, 437_154, 256.0)["impl"] == "vocab"
+  assert losses.token_chunk_for(6400, 437_154, 256.0) == 32
+  assert 32 * 437_154 * 12 <= 256 * 2**20
+  assert losses.token_chunk_for(6400, 437_154, 0.01) == 8  # the floor
   # Unknown implementations are rejected.
   with pytest.raises(ValueError):
     losses.linear_cross_entropy(*_data(0), impl="nope")
