@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import os
 import signal
 import sys
@@ -51,6 +52,9 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     sys.excepthook = lambda *e: None if is_failed_read_echo(*e) else previous_hook(*e)
     sys.unraisablehook = lambda u: None if is_failed_read_echo(
         u.exc_type, u.exc_value, u.exc_traceback, u.object) else previous_unraisable(u)
+    # a dropped read task collected later is reported by asyncio's logger ("Task
+    # exception was never retrieved"), past both hooks
+    logging.getLogger('asyncio').addFilter(drop_failed_read_echoes)
     try:
       fn(argv)
     except UserError as e:
@@ -65,6 +69,13 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       # would be printed by Python's default hook, past the filter above.
       gc.collect()
   return wrapped
+
+
+def drop_failed_read_echoes(record: logging.LogRecord) -> bool:
+  """A logging filter: False (drop) for a record that carries the exception of a
+  failed checkpoint read (`is_failed_read_echo`), True for everything else."""
+  return not (record.exc_info and record.exc_info[0] is not None
+              and is_failed_read_echo(*record.exc_info[:3]))
 
 
 class GracefulStop:

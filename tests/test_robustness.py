@@ -200,6 +200,16 @@ def test_only_echoes_of_a_failed_read_are_dropped():
   assert not is_failed_read_echo(*_raised_in('mine.py', "RuntimeError('Event loop is closed')"))
   assert not is_failed_read_echo(*_raised_in(loop, "RuntimeError('other')"))
   assert not is_failed_read_echo(*_raised_in('mine.py', "ValueError('OUT_OF_RANGE')"))
+  # the same echo through asyncio's logger ("Task exception was never retrieved", when
+  # a dropped read task is collected) is filtered by the command lines too
+  import logging
+  from gear_jax.cli import drop_failed_read_echoes
+  def record(exc_info):
+    return logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1,
+                             'Task exception was never retrieved', None, exc_info)
+  assert not drop_failed_read_echoes(record(_raised_in(orbax, "ValueError('OUT_OF_RANGE')")))
+  assert drop_failed_read_echoes(record(_raised_in('mine.py', "ValueError('x')")))
+  assert drop_failed_read_echoes(record(None))
 
 
 def test_no_readable_checkpoint_refuses(three_epochs, tmp_path):
