@@ -31,8 +31,10 @@ Importing gear_jax changes nothing. `configure()` is called by `trainer.train_an
 and `evaluate.run` (so by both command lines) and by the benchmark scripts, first thing,
 before XLA starts its thread pool: the arena setting only binds threads that have not
 allocated yet. A program that drives the model and steps itself can call it first. It
-does nothing when the C library is not glibc, when GEAR_JAX_HOST_ALLOCATOR=0, or when
-the user set glibc's own MALLOC_* / GLIBC_TUNABLES variables (theirs win).
+does nothing when the C library is not glibc, when JAX will not compute on the CPU
+(`computes_on_cpu`: JAX_PLATFORMS names another platform first, or a GPU / TPU plugin
+is installed), when GEAR_JAX_HOST_ALLOCATOR=0, or when the user set glibc's own
+MALLOC_* / GLIBC_TUNABLES variables (theirs win).
 """
 
 from __future__ import annotations
@@ -51,6 +53,25 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int
 _applied: dict[str, int] | None = None
 
 
+ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
+                       'jax_rocm7_plugin', 'libtpu')
+
+
+def computes_on_cpu() -> bool:
+  """Whether JAX will compute on the CPU, decided without starting a backend (which
+  would start XLA's threads too early): the first entry of JAX_PLATFORMS /
+  `jax_platforms` when set; otherwise True unless a GPU or TPU plugin is installed
+  (JAX then prefers that device; a plugin without a device leaves the settings off,
+  the cautious side)."""
+  import importlib.util
+  import jax
+  chosen = jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')
+  if chosen:
+    return chosen.split(',')[0].strip().lower() == 'cpu'
+  return not any(importlib.util.find_spec(name) is not None
+                 for name in ACCELERATOR_PLUGINS)
+
+
 def configure() -> dict[str, int]:
   """Applies the settings once per process; returns those applied ({} when skipped)."""
   global _applied
@@ -60,6 +81,8 @@ def configure() -> dict[str, int]:
   if os.environ.get(ENV, '1') == '0' or any(v in os.environ for v in _USER_VARS):
     return _applied
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+    return _applied
+  if not computes_on_cpu():  # a CPU remedy: on a GPU / TPU host XLA's scratch is device memory
     return _applied
   try:
     mallopt = ctypes.CDLL(None).mallopt

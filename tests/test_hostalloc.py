@@ -85,3 +85,17 @@ def test_train_and_evaluate_configures_first(monkeypatch, tmp_path):
   with pytest.raises(ValueError, match='stop here'):
     trainer.train_and_evaluate(defaults.get_default_config(), str(tmp_path))
   assert calls == ['configure', 'validate']
+
+
+def test_only_when_computing_on_cpu(tmp_path):
+  """A CPU remedy: off when JAX_PLATFORMS names an accelerator first, or when a GPU
+  plugin is installed (faked here by an importable jax_cuda12_plugin package)."""
+  assert probe(PROBE_CONFIGURE='1', JAX_PLATFORMS='cuda,cpu')['applied'] == {}
+  assert probe(PROBE_CONFIGURE='1', JAX_PLATFORMS='cpu')['applied'] != {}
+  fake = tmp_path / 'jax_cuda12_plugin'
+  fake.mkdir()
+  (fake / '__init__.py').write_text('')
+  import os
+  path = os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')])
+  assert probe(PROBE_CONFIGURE='1', JAX_PLATFORMS='', PYTHONPATH=path)['applied'] == {}
+  assert probe(PROBE_CONFIGURE='1', JAX_PLATFORMS='cpu', PYTHONPATH=path)['applied'] != {}
