@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 
 ENV = 'GEAR_JAX_HOST_ALLOCATOR'
 _USER_VARS = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_',
@@ -64,8 +65,9 @@ def computes_on_cpu() -> bool:
   (JAX then prefers that device; a plugin without a device leaves the settings off,
   the cautious side)."""
   import importlib.util
-  import jax
-  chosen = jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')
+  jax = sys.modules.get('jax')  # set in code only if jax is imported already
+  chosen = ((jax.config.jax_platforms if jax is not None else None)
+            or os.environ.get('JAX_PLATFORMS', ''))
   if chosen:
     return chosen.split(',')[0].strip().lower() == 'cpu'
   return not any(importlib.util.find_spec(name) is not None

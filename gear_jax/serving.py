@@ -336,8 +336,13 @@ def exclusion_width(hist: Histories, mode: str, target: int) -> int:
     raise ValueError(f'exclude must be one of {EXCLUDE}, got {mode!r}')
   if mode == 'none':
     return 1
-  most = int(_excluded(hist, mode, target)[2].max(initial=1))
-  return max(8, 1 << (max(most, 1) - 1).bit_length())
+  return _width_for(_excluded(hist, mode, target)[2])
+
+
+def _width_for(counts: np.ndarray) -> int:
+  """The smallest power of two (at least 8) that holds the largest count."""
+  most = max(int(counts.max(initial=1)), 1)
+  return max(8, 1 << (most - 1).bit_length())
 
 
 def exclusions(hist: Histories, mode: str, target: int, width: int | None = None
@@ -346,11 +351,13 @@ def exclusions(hist: Histories, mode: str, target: int, width: int | None = None
   every item of the history; 'target': the items of target-behavior interactions (what
   the user already bought); 'none': nothing. H = `width` (default: what `hist` needs,
   see `exclusion_width`)."""
-  width = width or exclusion_width(hist, mode, target)
-  out = np.zeros((len(hist), width), np.int32)
+  if mode not in EXCLUDE:
+    raise ValueError(f'exclude must be one of {EXCLUDE}, got {mode!r}')
   if mode == 'none':
-    return out
+    return np.zeros((len(hist), width or 1), np.int32)
   user, items, counts = _excluded(hist, mode, target)
+  width = width or _width_for(counts)
+  out = np.zeros((len(hist), width), np.int32)
   if counts.max(initial=0) > width:
     raise ValueError(f'width {width} < {counts.max()} items to exclude')
   col = np.arange(len(items)) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -393,9 +400,9 @@ def _notice(message: str) -> None:
 class HistoryRecommender:
   """Top-K recommendation from histories; a subclass provides the scorer.
 
-  Subclasses set `vocab`, `batch_size`, `max_k` (and may set `workers`) and implement `score_batch(items,
-  behaviors, gaps, exclude)` -> ([B, k] scores, [B, k] dense ids) for a batch of
-  exactly `batch_size` rows. `notify` receives notices (stderr by default)."""
+  Subclasses set `vocab`, `batch_size`, `max_k` (and may set `workers`) and implement
+  `score_batch(items, behaviors, gaps, exclude, k)` -> ([B, k] scores, [B, k] dense
+  ids) for a batch of exactly `batch_size` rows. `notify` receives notices (stderr by default)."""
   vocab: Vocabulary
   batch_size: int = BATCH_SIZE
   workers: int = 2  # batches scored at once (see `iter_batches`)
@@ -442,19 +449,20 @@ class HistoryRecommender:
         ex = np.pad(ex, ((0, pad), (0, 0)))
       return inputs['items'], inputs['behaviors'], inputs['gaps'], ex, k
 
+    def oldest(pending):
+      part, done = pending.popleft()
+      scores, ids = done.result()
+      return part, np.asarray(scores)[:len(part)], np.asarray(ids)[:len(part)]
+
     with concurrent.futures.ThreadPoolExecutor(max(1, self.workers)) as pool:
       pending = collections.deque()
       for lo in range(0, len(rows), size):
         part = rows[lo:lo + size]
         pending.append((part, pool.submit(self.score_batch, *batch(part))))
         if len(pending) >= self.workers:
-          part, done = pending.popleft()
-          scores, ids = done.result()
-          yield part, np.asarray(scores)[:len(part)], np.asarray(ids)[:len(part)]
+          yield oldest(pending)
       while pending:
-        part, done = pending.popleft()
-        scores, ids = done.result()
-        yield part, np.asarray(scores)[:len(part)], np.asarray(ids)[:len(part)]
+        yield oldest(pending)
 
   def prepare(self, hist: Histories, *, k: int, at=None) -> tuple[Histories, int]:
     """(`hist` as of `at`, `k` clamped to the catalogue), with notices."""
@@ -466,8 +474,7 @@ class HistoryRecommender:
     return hist, k
 
   def recommend_histories(self, hist: Histories, *, k: int = 10, exclude: str = 'none',
-                          at=None, on_batch: Callable[[int], None] | None = None
-                          ) -> Recommendations:
+                          at=None) -> Recommendations:
     """Top-k lists for every user of `hist` that has a known item (see the module
     docstring for `at` and the scored slot)."""
     hist, k = self.prepare(hist, k=k, at=at)
@@ -476,8 +483,6 @@ class HistoryRecommender:
       rows.append(part)
       scores.append(s)
       ids.append(i)
-      if on_batch is not None:
-        on_batch(len(part))
     rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     dense = np.concatenate(ids) if ids else np.zeros((0, k), np.int32)
     return Recommendations(
