@@ -32,7 +32,9 @@ def get_config():
   config.train.lr = 1e-3
   config.train.weight_decay = 1e-6
   config.train.alpha = 0.1
-  config.train.loss_memory_mb = 512  # per-chunk logits budget for the 874k-item head
+  # item-loss chunk budget: auto (256 MB on CPU, where 512 measured no faster at 874k
+  # items: 7.94 vs 7.97 s a step; 1/8 of the device's memory on a GPU)
+  config.train.loss_memory_mb = 0
   config.eval.protocol = 'sampled'
   config.eval.other_protocol = True
   config.eval.full_chunk = 65536

@@ -47,6 +47,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   m.dropout = 0.2  # everywhere (embeddings, attention weights, residuals, FFN)
   m.mask_padding = False  # True hides padded positions from attention (not reference)
   m.precision = 'float32'  # 'float32' (highest matmul precision), 'default', 'bfloat16'
+  m.kernels = 'auto'  # attention/FFN: 'cpu' (tuned custom VJPs), 'xla' (plain), 'auto'
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 128  # sequences per optimizer micro-step (global, all devices)
@@ -57,7 +58,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   t.weight_decay = 1e-6  # PyTorch-style L2 added to the gradient before Adam
   t.alpha = 0.1  # weight of the behavior-prediction loss
   t.loss = 'auto'  # item loss: 'auto', 'token' / 'vocab' chunks, or 'dense' logits
-  t.loss_memory_mb = 256  # memory budget for one chunk of item-head logits
+  t.loss_memory_mb = 0  # budget (MB) for one chunk of item-head logits; 0 = auto
+  t.deterministic_ops = True  # GPU: XLA's deterministic scatter-adds (False: faster)
   t.log_every = 100  # steps between loss fetches (progress, TensorBoard)
 
   c.eval = e = ml_collections.ConfigDict()
@@ -99,6 +101,7 @@ _CHOICES = {
     'data.format': ('tsv', 'taobao', 'csv'),
     'data.split': ('val', 'val_test'),
     'model.precision': ('float32', 'default', 'bfloat16'),
+    'model.kernels': ('auto', 'xla', 'cpu'),
     'train.loss': ('auto', 'token', 'vocab', 'dense'),
     'eval.protocol': ('sampled', 'full'),
     'eval.negatives': ('random', 'popularity'),
@@ -131,6 +134,9 @@ def validate_config(config) -> None:
                       f'{config.model.n_head}', field='config.model.d_model')
   if not 0.0 <= config.model.dropout < 1.0:
     raise ConfigError('dropout must be in [0, 1)', field='config.model.dropout')
+  if float(config.train.loss_memory_mb) < 0:
+    raise ConfigError('must be >= 0 (0 = sized from the device)',
+                      field='config.train.loss_memory_mb')
   if config.train.num_epochs < 0:
     raise ConfigError('num_epochs must be >= 0', field='config.train.num_epochs')
   monitor = config.eval.monitor

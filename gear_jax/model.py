@@ -16,10 +16,12 @@ scored against E_beh by the behavior head). Logits are formed outside the module
 (`item_logits`, `behavior_logits`, or the chunked loss), so training never has to
 materialise [B, L, V].
 
-For speed on CPU the attention core and the feed-forward block are `jax.custom_vjp`
-functions with hand-written backward passes, kept in `gear_jax.kernels` with plain
-autodiff twins that tests compare them with; they compute the same function and
-gradients, with the same parameters and dropout masks.
+The attention core and the feed-forward block come in two implementations
+(`kernels`, chosen per backend by `gear_jax.backend.resolve_kernels`): 'cpu', the
+`jax.custom_vjp` functions with hand-written backward passes tuned for XLA:CPU, and
+'xla', their plain autodiff twins, which XLA:GPU / TPU fuse freely. Both live in
+`gear_jax.kernels` and compute the same function and gradients, with the same
+parameters and dropout masks.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gear_jax import kernels
+from gear_jax import backend, kernels
 
 Array = jax.Array
 PRECISIONS = {'float32': 'highest', 'default': None, 'bfloat16': None}
@@ -146,6 +148,7 @@ class SelfAttention(nn.Module):
   dropout: float
   dtype: Any = jnp.float32
   precision: Any = None
+  kernels: str = 'cpu'  # 'cpu': kernels.attend, 'xla': kernels.attend_reference
 
   @nn.compact
   def __call__(self, x: Array, valid: Array | None, bias: Array | None,
@@ -210,7 +213,8 @@ class SelfAttention(nn.Module):
     spec = kernels.AttnSpec(self.dropout if seed is not None else 0.0,
                             kernels.query_blocks(t), self.dtype,
                             self.precision)
-    out = kernels.attend(qkv[0], qkv[1], qkv[2], bias, valid, seed, spec)  # [B*H, T, dh]
+    attend = kernels.attend if self.kernels == 'cpu' else kernels.attend_reference
+    out = attend(qkv[0], qkv[1], qkv[2], bias, valid, seed, spec)  # [B*H, T, dh]
     return out.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b * t, d)  # heads side by side
 
 
@@ -221,6 +225,7 @@ class EncoderLayer(nn.Module):
   dropout: float
   dtype: Any = jnp.float32
   precision: Any = None
+  kernels: str = 'cpu'  # see SelfAttention
 
   @nn.compact
   def __call__(self, x: Array, valid: Array | None, bias: Array | None,
@@ -232,13 +237,15 @@ class EncoderLayer(nn.Module):
                                      use_fast_variance=False)
     drop = lambda y: Dropout(self.dropout)(y, deterministic)  # noqa: E731
     attn = SelfAttention(d, self.n_head, self.dropout, self.dtype, self.precision,
-                         name='self_attn')(x, valid, bias, deterministic, last)
+                         self.kernels, name='self_attn')(x, valid, bias, deterministic,
+                                                         last)
     if last is not None:
       x, t = x[:, t - last:], last
     # the rest is position-wise: 2-D [B*T, .] operands (flat indices, hence dropout
     # masks, are those of the 3-D tensors)
     x2 = norm('norm1')((x + drop(attn)).reshape(b * t, d))  # [B*T, d]
-    # linear1 -> ReLU -> Dropout -> linear2 as one custom_vjp (`kernels.ffn`), same params
+    # linear1 -> ReLU -> Dropout -> linear2 as one function (`kernels.ffn`, a custom_vjp,
+    # or its autodiff twin `kernels.ffn_reference`), same params
     w1, b1 = DenseParams(d, 4 * d, torch_linear_kernel_init(), torch_linear_bias_init(d),
                          name='linear1')()
     drop_ff = Dropout(self.dropout)  # created here so that the site keeps its name and key
@@ -246,7 +253,8 @@ class EncoderLayer(nn.Module):
                          torch_linear_bias_init(4 * d), name='linear2')()
     use_dropout = not deterministic and self.dropout > 0.0
     cast = lambda z: z.astype(self.dtype)  # noqa: E731
-    ff = kernels.ffn(x2, cast(w1), cast(b1), cast(w2), cast(b2),
+    ffn = kernels.ffn if self.kernels == 'cpu' else kernels.ffn_reference
+    ff = ffn(x2, cast(w1), cast(b1), cast(w2), cast(b2),
               drop_ff.seed() if use_dropout else None,
               kernels.FFNSpec(self.dropout if use_dropout else 0.0,
                               self.precision))  # [B*T, d]
@@ -289,10 +297,13 @@ class GEAR(nn.Module):
   # over a mesh axis; the extra rows are zero, never looked up and cut off before
   # every softmax and ranking (`item_embedding(params, num_items)`).
   table_rows: int = 0
+  kernels: str = 'cpu'  # 'cpu' (custom VJPs tuned for XLA:CPU) or 'xla' (plain autodiff)
 
   def setup(self):
     if self.d_model % self.n_head:
       raise ValueError(f'd_model {self.d_model} is not divisible by n_head {self.n_head}')
+    if self.kernels not in ('cpu', 'xla'):
+      raise ValueError(f"kernels must be 'cpu' or 'xla', got {self.kernels!r}")
     d = self.d_model
     self.item_emb = PaddedEmbed(self.table_rows or self.num_items + 1, d,
                                 _padded_init(nn.initializers.xavier_uniform(),
@@ -302,7 +313,7 @@ class GEAR(nn.Module):
     self.LayerNorm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                                   use_fast_variance=False)
     layer = lambda: EncoderLayer(d, self.n_head, self.dropout, self.dtype,  # noqa: E731
-                                 self.precision)
+                                 self.precision, self.kernels)
     # lists name their elements <attribute>_<k>, mirroring the PyTorch module names
     self.item_attention_blocks = [layer()]
     self.behavior_attention_blocks = [layer()]
@@ -360,12 +371,14 @@ class GEAR(nn.Module):
 
 def build(num_items: int, num_behaviors: int, model_config, precision: str = 'float32',
           table_rows: int = 0) -> GEAR:
-  """The module from ``config.model`` (d_model, n_head, n_layer, dropout, mask_padding)."""
+  """The module from ``config.model`` (d_model, n_head, n_layer, dropout, mask_padding,
+  kernels; 'auto' kernels resolved for the platform JAX computes on)."""
   return GEAR(num_items=num_items, num_behaviors=num_behaviors, table_rows=table_rows,
               d_model=model_config.d_model, n_head=model_config.n_head,
               n_layer=model_config.n_layer, dropout=model_config.dropout,
               mask_padding=bool(model_config.get('mask_padding', False)),
-              dtype=compute_dtype(precision), precision=matmul_precision(precision))
+              dtype=compute_dtype(precision), precision=matmul_precision(precision),
+              kernels=backend.resolve_kernels(model_config.get('kernels', 'auto')))
 
 
 def init_params(model: GEAR, key: Array, max_len: int) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gear_jax import checkpoint as ckpt_lib
-from gear_jax import defaults, hostalloc, parallel, run_log, steps
+from gear_jax import backend, defaults, hostalloc, parallel, run_log, steps
 from gear_jax.defaults import flat_config
 from gear_jax import model as model_lib
 from gear_jax.data import load_dataset
@@ -38,7 +38,9 @@ from gear_jax.lock import WorkdirLock
 # difference means a different experiment and is refused.
 RESUMABLE_KEYS = ('train.num_epochs', 'train.patience', 'train.log_every',
                   'data.threads', 'data.cache', 'data.cache_dir', 'data.path',
-                  'data.synthetic.enabled', 'eval.batch_size', 'mesh.', 'distributed.')
+                  'data.synthetic.enabled', 'eval.batch_size', 'mesh.', 'distributed.',
+                  # how, not what, is computed: the same function on another backend
+                  'model.kernels', 'train.loss_memory_mb', 'train.deterministic_ops')
 
 
 @dataclasses.dataclass
@@ -103,6 +105,7 @@ class _Run:
   log: run_log.RunLog
   es: EarlyStopping
   n_params: int
+  backend: dict  # the platform-dependent choices as resolved (kernels, loss budget, ...)
   start_epoch: int = 0
   step: int = 0
   epoch: int = 0
@@ -135,10 +138,13 @@ def _build(config, workdir: str) -> _Run:
   state = steps.create_state(model, tx, mesh, seed=seed, max_len=max_len,
                              shard_items=shard_items)
   n_params = model_lib.count_params(state.params, data.num_items)
+  budget, how = loss_budget(config, mesh)
   _log(f'model: GEAR d_model={model.d_model} n_head={model.n_head} '
        f'n_layer={model.n_layer}, {n_params:,} parameters ({n_params / 1e6:.1f} M), '
        f'precision {config.model.precision}, mesh {dict(mesh.shape)} on '
        f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
+  _log(f'kernels: {model.kernels} (model.kernels={config.model.kernels}); item loss '
+       f'{config.train.loss}, chunk budget {budget:,.0f} MB ({how})')
 
   # Compiled ahead of time for the one batch shape there is (the last batch of an
   # epoch is padded), so the loop can never trigger a recompile.
@@ -155,7 +161,15 @@ def _build(config, workdir: str) -> _Run:
               iterator=iterator, evaluator=Evaluator(data, config, model, mesh),
               store=_open_store(workdir, data.num_items, mesh),
               log=run_log.RunLog(workdir, enabled=jax.process_index() == 0),
-              es=EarlyStopping(int(config.train.patience)), n_params=n_params)
+              es=EarlyStopping(int(config.train.patience)), n_params=n_params,
+              backend=dict(kernels=model.kernels, loss=config.train.loss,
+                           loss_memory_mb=budget, loss_memory_mb_from=how))
+
+
+def loss_budget(config, mesh) -> tuple[float, str]:
+  """The item loss's chunk budget in MB for `mesh`'s devices, and how it was chosen
+  (``train.loss_memory_mb``, 0 = from the device; see `gear_jax.backend`)."""
+  return backend.loss_budget_mb(config.train.loss_memory_mb, mesh.devices.flat[0])
 
 
 def jit_train_step(config, model: model_lib.GEAR, tx, mesh, state: steps.TrainState,
@@ -167,7 +181,7 @@ def jit_train_step(config, model: model_lib.GEAR, tx, mesh, state: steps.TrainSt
   state_sh = parallel.state_shardings(state, mesh, shard_items)
   return jax.jit(functools.partial(
       steps.train_step, model=model, tx=tx, alpha=float(config.train.alpha),
-      loss_impl=config.train.loss, loss_memory_mb=float(config.train.loss_memory_mb),
+      loss_impl=config.train.loss, loss_memory_mb=loss_budget(config, mesh)[0],
       vocab_shards=mesh.shape[parallel.MODEL] if shard_items else 1),
       in_shardings=(state_sh, {k: v.sharding for k, v in batch.items()}),
       out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
@@ -270,7 +284,8 @@ def _run_record(run: _Run) -> dict:
              devices=jax.device_count(), processes=jax.process_count(),
              mesh=' x '.join(f'{k}={v}' for k, v in run.mesh.shape.items()),
              shard_items=bool(run.config.mesh.shard_items),
-             precision=run.config.model.precision, host=platform.node())
+             precision=run.config.model.precision, host=platform.node(),
+             xla_flags=os.environ.get('XLA_FLAGS', ''), **run.backend)
   return dict(environment=env, data=preprocess.summary(run.data),
               model=dict(params=run.n_params),
               started=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
@@ -417,6 +432,8 @@ def train_and_evaluate(config, workdir: str, *, stop=None) -> dict:
   `Interrupted`. Raises `RunLocked` when another live process holds the workdir."""
   hostalloc.configure()  # before XLA starts its threads; see gear_jax/hostalloc.py
   defaults.validate_config(config)
+  # before the backend starts, too (XLA reads XLA_FLAGS once); see gear_jax/backend.py
+  determinism = backend.configure_determinism(bool(config.train.deterministic_ops))
   parallel.initialize_distributed(config.distributed.coordinator,
                                   int(config.distributed.num_processes),
                                   int(config.distributed.process_id))
@@ -425,6 +442,7 @@ def train_and_evaluate(config, workdir: str, *, stop=None) -> dict:
           else contextlib.nullcontext())
   with lock:
     run = _build(config, workdir)
+    run.backend['xla_gpu_deterministic_ops'] = determinism
     try:
       _restore_or_init(run)
       for epoch in range(run.start_epoch, int(config.train.num_epochs)):

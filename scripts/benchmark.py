@@ -1,7 +1,10 @@
 """Training and evaluation throughput of gear_jax at a chosen catalog size.
 
   python scripts/benchmark.py [--items 99037] [--batch 128] [--max_len 50]
-      [--precision float32|default|bfloat16] [--loss chunked|dense] [--json]
+      [--precision float32|default|bfloat16] [--kernels auto|xla|cpu]
+      [--loss auto|token|vocab|dense] [--no-deterministic_ops] [--json]
+  python scripts/benchmark.py --matrix float32:xla:auto,bfloat16:cpu:dense --json
+      # the train step of each precision:kernels:loss combination, in one process
 
 Runs on whatever JAX backend is present (CPU or GPU). Measures, in one process:
   compile_s               lowering + compiling the train step
@@ -14,6 +17,14 @@ Runs on whatever JAX backend is present (CPU or GPU). Measures, in one process:
                           subprocess runs afterwards and is not counted)
   peak_device_mb          peak device memory (GPU only)
 Evaluation uses a synthetic data set of --eval_users users over the same catalog.
+--kernels and --loss are `config.model.kernels` and `config.train.loss`; --loss_memory_mb
+0 (the default) sizes the loss's chunks from the device, as training does
+(`gear_jax.backend`). XLA's deterministic-ops flag is set as in training
+(--no-deterministic_ops leaves it out; it matters on GPU only). --matrix takes a
+comma-separated list of precision:kernels:loss combinations and times the train step
+of each in this one process: {"matrix": [{precision, kernels, loss, compile_s, step_s,
+...}, ...]}, evaluation and the reference skipped (scripts/gpu_check.py runs the
+product of all values).
 
 On CPU the computations run inline, as in training: gear_jax.hostalloc.configure() turns
 JAX's asynchronous CPU dispatch off together with its allocator settings (see there);
@@ -47,7 +58,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gear_jax import hostalloc
+from gear_jax import backend, hostalloc
 
 
 def peak_rss_mb() -> float:
@@ -82,14 +93,14 @@ def train_benchmark(args) -> dict:
   mesh = parallel.make_mesh()
   model_config = ml_collections.ConfigDict(dict(
       d_model=args.d_model, n_head=args.n_head, n_layer=args.n_layer, dropout=0.2,
-      mask_padding=False))
+      mask_padding=False, kernels=args.kernels))
   model = model_lib.build(args.items, 4, model_config, args.precision)
   tx = steps.make_optimizer(1e-3, 1e-6)
   state = steps.create_state(model, tx, mesh, seed=0, max_len=args.max_len)
-  loss_impl = 'dense' if args.loss == 'dense' else 'auto'
+  budget, _ = backend.loss_budget_mb(args.loss_memory_mb, mesh.devices.flat[0])
   step_fn = jax.jit(functools.partial(
-      steps.train_step, model=model, tx=tx, alpha=0.1, loss_impl=loss_impl,
-      loss_memory_mb=args.loss_memory_mb), donate_argnums=0)
+      steps.train_step, model=model, tx=tx, alpha=0.1, loss_impl=args.loss,
+      loss_memory_mb=budget), donate_argnums=0)
   rng = np.random.default_rng(0)
   batches = [parallel.put_batch(synthetic_batch(rng, args.batch, args.max_len, args.items),
                                 mesh) for _ in range(4)]
@@ -105,7 +116,8 @@ def train_benchmark(args) -> dict:
     jax.block_until_ready(aux['loss'])
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
-  return dict(compile_s=round(compile_s, 2), step_s=round(step_s, 4),
+  return dict(kernels=model.kernels, loss_memory_mb=budget,
+              compile_s=round(compile_s, 2), step_s=round(step_s, 4),
               step_s_min=round(min(times), 4),
               train_seq_per_s=round(args.batch / step_s, 1),
               final_loss=float(aux['loss']), params=model_lib.count_params(state.params),
@@ -138,6 +150,53 @@ def eval_benchmark(args, model, params, mesh) -> dict:
   return out
 
 
+MATRIX_CHOICES = (('float32', 'default', 'bfloat16'), backend.KERNELS,
+                  ('auto', 'token', 'vocab', 'dense'))
+
+
+def parse_matrix(parser, text: str) -> list[tuple[str, str, str]]:
+  combos = []
+  for item in text.split(','):
+    parts = tuple(item.strip().split(':'))
+    if len(parts) != 3 or any(p not in c for p, c in zip(parts, MATRIX_CHOICES)):
+      parser.error(f'--matrix: {item!r} is not precision:kernels:loss with precision '
+                   f'in {MATRIX_CHOICES[0]}, kernels in {MATRIX_CHOICES[1]}, loss in '
+                   f'{MATRIX_CHOICES[2]}')
+    combos.append(parts)
+  return combos
+
+
+def run_matrix(args, combos: list[tuple[str, str, str]]) -> list[dict]:
+  """The train step of each (precision, kernels, loss) combination, in this process."""
+  rows = []
+  for precision, kernels, loss in combos:
+    args.precision, args.kernels, args.loss = precision, kernels, loss
+    try:
+      train = train_benchmark(args)
+    except Exception as e:  # noqa: BLE001 - one failing combination is reported, not fatal
+      rows.append(dict(precision=precision, kernels=kernels, loss=loss,
+                       error=f'{type(e).__name__}: {str(e)[:300]}'))
+      continue
+    for key in ('state', 'model', 'mesh'):
+      train.pop(key)
+    rows.append(dict(precision=precision, loss=loss, **train))
+    device_mb = peak_device_mb()
+    if device_mb is not None:
+      rows[-1]['peak_device_mb'] = round(device_mb, 1)  # the process's peak so far
+  return rows
+
+
+def _matrix_table(result: dict) -> str:
+  lines = [f'GEAR train step on {result["device"]} ({result["backend"]}): '
+           f'{result["items"]:,} items, batch {result["batch"]} x {result["max_len"]}']
+  for r in result['matrix']:
+    what = f'{r["precision"]:<9} {r["kernels"]:<4} {r["loss"]:<6}'
+    lines.append(f'  {what} ' + (f'ERROR {r["error"]}' if 'error' in r else
+                                  f'compile {r["compile_s"]:6.1f}s  step '
+                                  f'{r["step_s"]:.4f}s  {r["train_seq_per_s"]:,.0f} seq/s'))
+  return '\n'.join(lines)
+
+
 def reference_benchmark(args) -> dict:
   """scripts/reference_torch.py's JSON for the same shapes, run with `args.reference`."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference_torch.py')
@@ -161,8 +220,16 @@ def main():
   parser.add_argument('--n_layer', type=int, default=4)
   parser.add_argument('--precision', default='float32',
                       choices=['float32', 'default', 'bfloat16'])
-  parser.add_argument('--loss', default='chunked', choices=['chunked', 'dense'])
-  parser.add_argument('--loss_memory_mb', type=float, default=256.0)
+  parser.add_argument('--kernels', default='auto', choices=list(backend.KERNELS))
+  parser.add_argument('--loss', default='auto',
+                      choices=['auto', 'token', 'vocab', 'dense', 'chunked'],
+                      help="the item loss ('chunked' = auto)")
+  parser.add_argument('--loss_memory_mb', type=float, default=0.0,
+                      help='chunk budget of the item loss; 0 = from the device')
+  parser.add_argument('--deterministic_ops', action=argparse.BooleanOptionalAction,
+                      default=True, help="XLA's deterministic ops (GPU), as in training")
+  parser.add_argument('--matrix', metavar='P:K:L,...', default=None,
+                      help='time the train step of each precision:kernels:loss')
   parser.add_argument('--steps', type=int, default=10, help='timed training steps')
   parser.add_argument('--eval_users', type=int, default=20_000)
   parser.add_argument('--eval_batch', type=int, default=256)
@@ -176,7 +243,10 @@ def main():
                       'docstring: raises and scatters peak_rss_mb).')
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
+  args.loss = 'auto' if args.loss == 'chunked' else args.loss
+  combos = parse_matrix(parser, args.matrix) if args.matrix else None
   hostalloc.configure()  # as train_and_evaluate does, before XLA starts its threads
+  determinism = backend.configure_determinism(args.deterministic_ops)  # before the backend
   if args.cpu_async_dispatch:  # read when the CPU client is created: before any use
     jax.config.update('jax_cpu_enable_async_dispatch', True)
 
@@ -184,7 +254,14 @@ def main():
                 devices=jax.device_count(), items=args.items, batch=args.batch,
                 max_len=args.max_len, d_model=args.d_model, n_layer=args.n_layer,
                 precision=args.precision, loss=args.loss,
+                xla_gpu_deterministic_ops=determinism,
                 cpu_async_dispatch=bool(jax.config.read('jax_cpu_enable_async_dispatch')))
+  if args.matrix:
+    result.pop('precision'), result.pop('loss')
+    result['matrix'] = run_matrix(args, combos)
+    result['peak_rss_mb'] = round(peak_rss_mb(), 1)
+    print(json.dumps(result) if args.json else _matrix_table(result))
+    return
   train = train_benchmark(args)
   state, model, mesh = train.pop('state'), train.pop('model'), train.pop('mesh')
   result.update(train)
@@ -205,7 +282,8 @@ def main():
     return
   print(f'GEAR benchmark on {result["device"]} x{result["devices"]} ({result["backend"]}): '
         f'{args.items:,} items, batch {args.batch} x {args.max_len}, d {args.d_model}, '
-        f'{args.n_layer} upper layers, {args.precision}, {args.loss} loss')
+        f'{args.n_layer} upper layers, {args.precision}, {result["kernels"]} kernels, '
+        f'{args.loss} loss')
   rows = [('parameters', f'{result["params"]:,}'),
           ('compile (s)', f'{result["compile_s"]:.1f}'),
           ('train step (s, median)', f'{result["step_s"]:.4f}'),

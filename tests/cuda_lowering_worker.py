@@ -2,11 +2,14 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/cuda_lowering_worker.py
 
-`jax.export` lowers for platforms the machine does not have. Programs: the trainer's
-train step (`trainer.jit_train_step`, shardings pinned) for every item loss and
-precision on meshes 1x1, 8x1 and 4x2 with `shard_items`; the evaluation step (sampled
-and full ranking at once) and the recommendation step on the same meshes / on one
-device. Prints one JSON object {program: 'ok' | error} on the last line.
+`jax.export` lowers for platforms the machine does not have. Programs, built with the
+kernels `model.kernels='auto'` picks on a GPU ('xla', resolved for platform 'gpu'):
+the trainer's train step (`trainer.jit_train_step`, shardings pinned) for every item
+loss and precision on meshes 1x1, 8x1 and 4x2 with `shard_items`; the evaluation step
+(sampled and full ranking at once) and the recommendation step on the same meshes / on
+one device; and the train step with the CPU-tuned kernels ('cpu', which a user may
+force on a GPU) on one device in both precisions. Prints one JSON object
+{program: 'ok' | error} on the last line.
 """
 
 import functools
@@ -17,7 +20,7 @@ import jax
 import numpy as np
 from jax import export
 
-from gear_jax import defaults, parallel, steps, trainer
+from gear_jax import backend, defaults, parallel, steps, trainer
 from gear_jax import model as model_lib
 
 V, L, B = 997, 12, 16  # prime-ish catalog: the padded, sharded table path is exercised
@@ -44,6 +47,8 @@ def main() -> None:
       config.model.precision = precision
       config.mesh.shard_items = shard_items
       config.train.loss_memory_mb = 1  # small chunks: the chunked paths are taken
+      config.model.kernels = backend.resolve_kernels('auto', 'gpu')
+      assert config.model.kernels == 'xla'
       model = model_lib.build(V, 4, config.model, precision,
                               parallel.table_rows(V, mesh, shard_items))
       tx = steps.make_optimizer(1e-3, 1e-6)
@@ -71,6 +76,11 @@ def main() -> None:
         recommend = jax.jit(functools.partial(steps.recommend_step, model=model, k=10,
                                               chunk=256))
         out[f'recommend {name} {precision}'] = _lower(recommend, state.params, rec_batch)
+        config.model.kernels, config.train.loss = 'cpu', 'token'
+        tuned = model_lib.build(V, 4, config.model, precision)
+        assert tuned.kernels == 'cpu'
+        out[f'train {name} {precision} token cpu-kernels'] = _lower(
+            trainer.jit_train_step(config, tuned, tx, mesh, state, batch), state, batch)
   print(json.dumps(out))
 
 

@@ -1,6 +1,7 @@
 """Every compiled program lowers for CUDA, checked on a CPU-only machine (issue 14,
 part 1): tests/cuda_lowering_worker.py exports them with jax.export for platform
-'cuda' on 8 forced CPU devices."""
+'cuda' on 8 forced CPU devices, with the kernels 'auto' picks on a GPU ('xla') and,
+for the train step, the CPU-tuned ones too."""
 
 import json
 import os
@@ -20,6 +21,8 @@ def test_every_program_lowers_for_cuda():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   failed = {k: v for k, v in result.items() if v != 'ok'}
   assert not failed, failed
-  # 3 meshes x 2 precisions x (3 train losses + eval), + recommend x 2 precisions
-  assert len(result) == 3 * 2 * 4 + 2
+  # 3 meshes x 2 precisions x (3 train losses + eval) with the 'xla' kernels, + recommend
+  # and the train step with the 'cpu' kernels, x 2 precisions
+  assert len(result) == 3 * 2 * 4 + 2 + 2
+  assert sum('cpu-kernels' in k for k in result) == 2
   assert {k.split()[1] for k in result} == {'1x1', '8x1', '4x2+shard_items'}

@@ -43,9 +43,11 @@ def _batch(inputs):
           'gaps': jnp.asarray(inputs['time_gaps'], jnp.int32)}
 
 
-def test_fixture_outputs_and_gradients(ref):
+@pytest.mark.parametrize('kernels', ['cpu', 'xla'])
+def test_fixture_outputs_and_gradients(ref, kernels):
+  """Every implementation (kernels x item losses) against the reference."""
   cfg, params, batch = ref['cfg'], ref['params'], _batch(ref['inputs'])
-  model = _model(cfg)
+  model = _model(cfg, kernels=kernels)
   np.testing.assert_array_equal(np.asarray(M.time_matrix(batch['gaps']), np.float32),
                                 ref['inputs']['time_bias'])
   h_beh, h_item = model.apply({'params': params}, batch['items'], batch['behaviors'],
@@ -73,7 +75,7 @@ def test_fixture_outputs_and_gradients(ref):
     want = convert.torch_to_params(ref['grads'])
     errors = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads,
                                     want)
-    assert max(jax.tree_util.tree_leaves(errors)) < TOL, (impl, errors)
+    assert max(jax.tree_util.tree_leaves(errors)) < TOL, (kernels, impl, errors)
     # row 0 of the item table is trained through the tied head, as in the reference
     assert float(jnp.abs(grads['item_emb']['embedding'][0]).max()) > 1e-4
 

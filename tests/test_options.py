@@ -6,9 +6,11 @@ reproduce summary.json. Every documented option appears in at least one case:
 data.format tsv / taobao / csv, data.split val / val_test, eval.protocol sampled / full
 and eval.other_protocol, eval.negatives random / popularity, model.precision float32 /
 default / bfloat16, train.loss auto / token / vocab / dense, model.mask_padding,
-train.grad_accum=2, data.multi_behavior=False, and meshes 8x1 and 4x2 with and without
-mesh.shard_items on 8 forced CPU devices. The mesh cases must equal the one-device run
-within 1e-5. Cases run two at a time (the machine has 2 cores; the persistent XLA
+train.grad_accum=2, data.multi_behavior=False, model.kernels auto / xla,
+train.deterministic_ops True / False, and meshes 8x1, 4x2 and 4x2 with
+mesh.shard_items on 8 forced CPU devices (on 8x1 the model axis has one device and
+shard_items would shard nothing). The mesh cases must equal the one-device run
+within 1e-5 (mesh4x2 also with the 'xla' kernels against the default's 'cpu' ones). Cases run two at a time (the machine has 2 cores; the persistent XLA
 cache of conftest.py shares compiled programs between the three commands of a case).
 """
 
@@ -27,10 +29,12 @@ EIGHT = {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
 
 CASES = {
     'default': [],
-    'mesh8x1': ['--config.mesh.data=8', '--config.mesh.model=1'],
-    'mesh8x1_shard': ['--config.mesh.data=8', '--config.mesh.model=1',
-                      '--config.mesh.shard_items=True'],
-    'mesh4x2': ['--config.mesh.data=4', '--config.mesh.model=2'],
+    # the dense loss and both protocols here too: one run fewer
+    'mesh8x1_dense_other_protocol': ['--config.mesh.data=8', '--config.mesh.model=1',
+                                     '--config.train.loss=dense',
+                                     '--config.eval.other_protocol=True'],
+    'mesh4x2': ['--config.mesh.data=4', '--config.mesh.model=2',
+                '--config.model.kernels=xla', '--config.train.deterministic_ops=False'],
     'mesh4x2_shard': ['--config.mesh.data=4', '--config.mesh.model=2',
                       '--config.mesh.shard_items=True'],
     'taobao_valtest_popularity_token_default_masked': [
@@ -47,8 +51,6 @@ CASES = {
         '--config.eval.other_protocol=True', '--config.model.precision=bfloat16',
         '--config.train.loss=vocab', '--config.train.grad_accum=2',
         '--config.data.multi_behavior=False'],
-    'dense_other_protocol': ['--config.train.loss=dense',
-                             '--config.eval.other_protocol=True'],
 }
 FORMAT_FILES = {'taobao': 'syn_taobao.csv', 'csv': 'syn_events.csv'}
 
@@ -101,6 +103,7 @@ def _run_case(name: str, flags: list[str], paths: dict, root) -> dict:
                   '--json', env=env)
   out['evaluate'] = (ev.returncode, ev.stdout[-6000:], ev.stderr[-3000:])
   out['metrics'] = run_log.read_metrics(str(workdir))
+  out['run'] = json.loads((workdir / 'run.json').read_text())
   summary = workdir / 'summary.json'
   out['summary'] = json.loads(summary.read_text()) if summary.exists() else None
   return out
@@ -145,6 +148,16 @@ def test_option_case(results, name):
     assert 'val_full/NDCG@10' in keys
   if '--config.data.split=val_test' in flags:
     assert {'test/NDCG@10', 'test/Recall@10'} <= set(summary['test'])
+  # the platform-dependent choices as resolved on this CPU, recorded in run.json
+  env = r['run']['environment']
+  assert env['kernels'] == ('xla' if '--config.model.kernels=xla' in flags else 'cpu')
+  assert (env['loss_memory_mb'], env['loss_memory_mb_from']) == (256.0, 'auto: cpu')
+  if '--config.train.deterministic_ops=False' in flags:
+    assert env['xla_gpu_deterministic_ops'].startswith('off')
+    assert 'xla_gpu_deterministic_ops' not in env['xla_flags']
+  else:
+    assert env['xla_gpu_deterministic_ops'] == 'on'
+    assert '--xla_gpu_deterministic_ops=true' in env['xla_flags']
 
 
 @pytest.mark.parametrize('name', [n for n in CASES if n.startswith('mesh')])

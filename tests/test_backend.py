@@ -1,0 +1,116 @@
+"""Platform-dependent choices (gear_jax/backend.py), resolved for platforms this machine
+does not have by faking them: kernels per platform, the item loss's memory budget from
+a device's memory statistics, and XLA's deterministic-ops flag."""
+
+import json
+import subprocess
+import sys
+import types
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import REPO
+from gear_jax import backend, defaults, losses, trainer
+from gear_jax import model as model_lib
+from gear_jax.errors import ConfigError
+
+
+class FakeDevice:
+  def __init__(self, platform, stats):
+    self.platform, self._stats = platform, stats
+
+  def memory_stats(self):
+    return self._stats
+
+
+def test_auto_kernels_follow_the_platform(monkeypatch):
+  assert backend.resolve_kernels('auto', 'cpu') == 'cpu'
+  assert backend.resolve_kernels('auto', 'gpu') == 'xla'
+  assert backend.resolve_kernels('auto', 'tpu') == 'xla'
+  for platform in ('cpu', 'gpu'):  # explicit choices hold everywhere
+    assert backend.resolve_kernels('xla', platform) == 'xla'
+    assert backend.resolve_kernels('cpu', platform) == 'cpu'
+  with pytest.raises(ValueError, match='model.kernels'):
+    backend.resolve_kernels('cuda', 'gpu')
+  config = defaults.get_default_config().model
+  assert config.kernels == 'auto'
+  # what the trainer, evaluate and recommend build, with JAX's platform faked
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert model_lib.build(10, 4, config).kernels == 'xla'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert model_lib.build(10, 4, config).kernels == 'cpu'
+  config.kernels = 'xla'
+  assert model_lib.build(10, 4, config).kernels == 'xla'
+
+
+def test_kernels_setting_is_validated():
+  config = defaults.get_default_config()
+  config.model.kernels = 'fast'
+  with pytest.raises(ConfigError, match='model.kernels'):
+    defaults.validate_config(config)
+  config.model.kernels = 'cpu'
+  config.train.loss_memory_mb = -1
+  with pytest.raises(ConfigError, match='loss_memory_mb'):
+    defaults.validate_config(config)
+
+
+def test_loss_budget_from_device_memory():
+  h100 = FakeDevice('gpu', {'bytes_limit': 60 * 2**30, 'bytes_in_use': 0})
+  budget, how = backend.loss_budget_mb(0, h100)
+  assert budget == 60 * 1024 / 8 and 'bytes_limit 60.0 GiB' in how
+  # retail shape (128 x 50 positions, 99,038 rows): two token chunks, not 50 of 128
+  plan = losses.plan_chunks(128 * 50, 99_038, budget, max_token_chunk=4096)
+  assert (plan['impl'], plan['token_chunk'], plan['num_chunks']) == ('token', 3200, 2)
+  cpu_plan = losses.plan_chunks(128 * 50, 99_038, backend.loss_budget_mb(
+      0, FakeDevice('cpu', None))[0], max_token_chunk=512)
+  assert (cpu_plan['token_chunk'], cpu_plan['num_chunks']) == (128, 50)
+  assert backend.loss_budget_mb(0, FakeDevice('cpu', None)) == (256.0, 'auto: cpu')
+  assert backend.loss_budget_mb(0, FakeDevice('gpu', None))[0] == 256.0  # no statistics
+  assert backend.loss_budget_mb(0, FakeDevice('tpu', {'bytes_limit': 16 * 2**30}))[0] == 2048
+  assert backend.loss_budget_mb(300, h100) == (300.0, 'set')
+  # the trainer reads the first device of its mesh
+  config = defaults.get_default_config()
+  mesh = types.SimpleNamespace(devices=np.array([h100, h100]))
+  assert trainer.loss_budget(config, mesh)[0] == budget
+  assert trainer.loss_budget(config, types.SimpleNamespace(
+      devices=np.array(jax.devices()[:1])))[0] == 256.0  # this machine: a CPU
+
+
+DETERMINISM = """
+import json, os
+from gear_jax import backend
+out = {}
+os.environ.pop('XLA_FLAGS', None)
+out['off'] = [backend.configure_determinism(False), os.environ.get('XLA_FLAGS', '')]
+out['on'] = [backend.configure_determinism(True), os.environ['XLA_FLAGS']]
+os.environ['XLA_FLAGS'] = '--xla_gpu_deterministic_ops=false'
+out['user'] = [backend.configure_determinism(True), os.environ['XLA_FLAGS']]
+os.environ['XLA_FLAGS'] = ''
+import jax.numpy as jnp
+jnp.ones(2).block_until_ready()
+out['late'] = [backend.configure_determinism(True), os.environ['XLA_FLAGS']]
+print(json.dumps(out))
+"""
+
+
+def test_deterministic_ops_flag():
+  proc = subprocess.run([sys.executable, '-c', DETERMINISM], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out['off'] == ['off (train.deterministic_ops=False)', '']
+  assert out['on'] == ['on', '--xla_gpu_deterministic_ops=true']
+  assert out['user'] == ['as set in XLA_FLAGS', '--xla_gpu_deterministic_ops=false']
+  assert out['late'][0].startswith('not applied') and out['late'][1] == ''
+
+
+def test_resuming_on_another_backend_is_allowed():
+  """kernels, the loss budget and the flag change how, not what, is computed."""
+  old = defaults.get_default_config()
+  new = ml_collections.ConfigDict(old.to_dict())
+  new.model.kernels, new.train.loss_memory_mb = 'xla', 4096
+  new.train.deterministic_ops = False
+  trainer.check_resumable(old.to_dict(), new)
