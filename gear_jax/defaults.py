@@ -39,8 +39,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   d.synthetic.num_users = 0
   d.synthetic.num_items = 0
   d.synthetic.seed = 0
+  d.synthetic.preset = ''  # a generator preset's knobs ('demo': goal sessions), sizes above
 
   c.model = m = ml_collections.ConfigDict()
+  m.name = 'gear'  # 'gear' or 'sasrec' (item sequence only; see gear_jax/sasrec.py)
   m.d_model = 32  # embedding and hidden width
   m.n_head = 2  # attention heads (time-bias slopes 2^(-8h/H))
   m.n_layer = 4  # upper transformer blocks
@@ -100,6 +102,7 @@ def flat_config(config) -> dict:
 _CHOICES = {
     'data.format': ('tsv', 'taobao', 'csv'),
     'data.split': ('val', 'val_test'),
+    'model.name': ('gear', 'sasrec'),
     'model.precision': ('float32', 'default', 'bfloat16'),
     'model.kernels': ('auto', 'xla', 'cpu'),
     'train.loss': ('auto', 'token', 'vocab', 'dense'),

@@ -27,7 +27,7 @@ parameters and dropout masks.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -284,6 +284,7 @@ def time_bias(gaps: Array, n_head: int) -> Array:
 
 class GEAR(nn.Module):
   """The GEAR network. See the module docstring for the data flow."""
+  KIND: ClassVar[str] = 'gear'
   num_items: int
   num_behaviors: int
   d_model: int = 32
@@ -371,8 +372,21 @@ class GEAR(nn.Module):
 
 def build(num_items: int, num_behaviors: int, model_config, precision: str = 'float32',
           table_rows: int = 0) -> GEAR:
-  """The module from ``config.model`` (d_model, n_head, n_layer, dropout, mask_padding,
-  kernels; 'auto' kernels resolved for the platform JAX computes on)."""
+  """The module from ``config.model`` (name, d_model, n_head, n_layer, dropout,
+  mask_padding, kernels; 'auto' kernels resolved for the platform JAX computes on):
+  `GEAR`, or `gear_jax.sasrec.SASRec` for name 'sasrec'."""
+  name = model_config.get('name', 'gear')
+  if name not in ('gear', 'sasrec'):
+    raise ValueError(f"model.name must be 'gear' or 'sasrec', got {name!r}")
+  if name == 'sasrec':
+    from gear_jax import sasrec  # it builds on this module's blocks
+    return sasrec.SASRec(
+        num_items=num_items, num_behaviors=num_behaviors, table_rows=table_rows,
+        d_model=model_config.d_model, n_head=model_config.n_head,
+        n_layer=model_config.n_layer, dropout=model_config.dropout,
+        mask_padding=bool(model_config.get('mask_padding', True)),
+        dtype=compute_dtype(precision), precision=matmul_precision(precision),
+        kernels=backend.resolve_kernels(model_config.get('kernels', 'auto')))
   return GEAR(num_items=num_items, num_behaviors=num_behaviors, table_rows=table_rows,
               d_model=model_config.d_model, n_head=model_config.n_head,
               n_layer=model_config.n_layer, dropout=model_config.dropout,

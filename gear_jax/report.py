@@ -452,8 +452,11 @@ def comparison_rows(records: list[RunRecord]) -> tuple[list[str], list[list], li
   if shared_test:
     cols += [('metric', lambda r: r.summary['test'].get('test/Recall@10')),
              ('metric', lambda r: r.summary['test'].get('test/NDCG@10'))]
-  cols += [('count', lambda r: float(len(r.metrics))),
-           ('seconds', lambda r: training_figures(r)['epoch_s_mean']),
+  # a non-learned baseline (gear_jax.baselines) trains no epochs and has no parameters
+  learned = lambda r: (r.summary or {}).get('learned', True)  # noqa: E731
+  cols += [('count', lambda r: float(len(r.metrics)) if learned(r) else 0.0),
+           ('seconds', lambda r: training_figures(r)['epoch_s_mean'] if learned(r)
+            else math.nan),
            ('count', lambda r: float((r.summary or {}).get('num_params', math.nan)))]
   digits = {'metric': 4, 'seconds': 2, 'count': 0}
   rows = []

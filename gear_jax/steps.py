@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gear_jax import losses, metrics, parallel
+from gear_jax import losses, metrics, parallel, sasrec
 from gear_jax import model as model_lib
 
 Array = jax.Array
@@ -120,6 +120,19 @@ def gear_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,
                 'positions': item_count}
 
 
+def model_loss(params, batch: dict[str, Array], dropout_key: Array | None, *, model,
+               alpha: float, loss_impl: str = 'auto', loss_memory_mb: float = 256.0,
+               vocab_shards: int = 1) -> tuple[Array, dict[str, Array]]:
+  """The training loss of `model`: `gear_loss` for GEAR, next-item cross-entropy for
+  SASRec (`sasrec.loss_terms`; `alpha` has no behavior head to weigh there)."""
+  if model.KIND == 'sasrec':
+    return sasrec.loss_terms(model, params, batch, dropout_key, loss_impl=loss_impl,
+                             loss_memory_mb=loss_memory_mb, vocab_shards=vocab_shards)
+  return gear_loss(params, batch, dropout_key, model=model, alpha=alpha,
+                   loss_impl=loss_impl, loss_memory_mb=loss_memory_mb,
+                   vocab_shards=vocab_shards)
+
+
 def train_step(state: TrainState, batch: dict[str, Array], *, model: model_lib.GEAR,
                tx: optax.GradientTransformation, alpha: float, loss_impl: str,
                loss_memory_mb: float, vocab_shards: int = 1
@@ -127,7 +140,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: model_lib.G
   """One micro-step: forward, backward, optimizer update (or accumulation)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=DROPOUT_PRNG),
                            state.step)
-  grad_fn = jax.value_and_grad(gear_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(model_loss, has_aux=True)
   (_, aux), grads = grad_fn(state.params, batch, key, model=model, alpha=alpha,
                             loss_impl=loss_impl, loss_memory_mb=loss_memory_mb,
                             vocab_shards=vocab_shards)
@@ -144,7 +157,7 @@ def eval_step(params, batch: dict[str, Array], *, model: model_lib.GEAR,
   # [B, d]: the output at the target-behavior slot b_L (only that position is computed
   # in the last upper block)
   h_last = model.apply({'params': params}, batch['items'], batch['behaviors'],
-                       batch['gaps'], method=model_lib.GEAR.last_state)
+                       batch['gaps'], method='last_state')
   out = {}
   for protocol in protocols:
     if protocol == 'sampled':
@@ -164,6 +177,6 @@ def recommend_step(params, batch: dict[str, Array], *, model: model_lib.GEAR, k:
   int32 item ids), best first, over the whole catalogue (`model.top_k_in_catalogue`);
   batch['exclude'] ([B, H] item ids, 0 = none) lists items not to return per row."""
   h_last = model.apply({'params': params}, batch['items'], batch['behaviors'],
-                       batch['gaps'], method=model_lib.GEAR.last_state)  # [B, d]
+                       batch['gaps'], method='last_state')  # [B, d]
   return model_lib.top_k_in_catalogue(params, h_last, k, chunk, model.precision,
                                       model.num_items, batch['exclude'])

@@ -139,7 +139,7 @@ def _build(config, workdir: str) -> _Run:
                              shard_items=shard_items)
   n_params = model_lib.count_params(state.params, data.num_items)
   budget, how = loss_budget(config, mesh)
-  _log(f'model: GEAR d_model={model.d_model} n_head={model.n_head} '
+  _log(f'model: {type(model).__name__} d_model={model.d_model} n_head={model.n_head} '
        f'n_layer={model.n_layer}, {n_params:,} parameters ({n_params / 1e6:.1f} M), '
        f'precision {config.model.precision}, mesh {dict(mesh.shape)} on '
        f'{jax.device_count()} {jax.devices()[0].platform} device(s)')

@@ -7,11 +7,12 @@ data.format tsv / taobao / csv, data.split val / val_test, eval.protocol sampled
 and eval.other_protocol, eval.negatives random / popularity, model.precision float32 /
 default / bfloat16, train.loss auto / token / vocab / dense, model.mask_padding,
 train.grad_accum=2, data.multi_behavior=False, model.kernels auto / xla,
-train.deterministic_ops True / False, and meshes 8x1, 4x2 and 4x2 with
-mesh.shard_items on 8 forced CPU devices (on 8x1 the model axis has one device and
-shard_items would shard nothing). The mesh cases must equal the one-device run
-within 1e-5 (mesh4x2 also with the 'xla' kernels against the default's 'cpu' ones). Cases run two at a time (the machine has 2 cores; the persistent XLA
-cache of conftest.py shares compiled programs between the three commands of a case).
+train.deterministic_ops True / False, model.name sasrec (which is also asked for
+recommendations), and meshes 8x1 and 4x2 with mesh.shard_items on 8 forced CPU devices.
+The mesh cases must equal the one-device run within 1e-5 (4x2 with the 'xla' kernels
+against the default's 'cpu' ones). Cases run two at a time (the machine has 2 cores;
+the persistent XLA cache of conftest.py shares compiled programs between the three
+commands of a case).
 """
 
 import concurrent.futures
@@ -33,10 +34,10 @@ CASES = {
     'mesh8x1_dense_other_protocol': ['--config.mesh.data=8', '--config.mesh.model=1',
                                      '--config.train.loss=dense',
                                      '--config.eval.other_protocol=True'],
-    'mesh4x2': ['--config.mesh.data=4', '--config.mesh.model=2',
-                '--config.model.kernels=xla', '--config.train.deterministic_ops=False'],
-    'mesh4x2_shard': ['--config.mesh.data=4', '--config.mesh.model=2',
-                      '--config.mesh.shard_items=True'],
+    # the plain 'xla' kernels here, held to the default run's 'cpu' kernels on 1 device
+    'mesh4x2_shard_xla': ['--config.mesh.data=4', '--config.mesh.model=2',
+                          '--config.mesh.shard_items=True', '--config.model.kernels=xla',
+                          '--config.train.deterministic_ops=False'],
     'taobao_valtest_popularity_token_default_masked': [
         '--config.data.format=taobao', '--config.data.split=val_test',
         '--config.eval.negatives=popularity', '--config.train.loss=token',
@@ -51,6 +52,7 @@ CASES = {
         '--config.eval.other_protocol=True', '--config.model.precision=bfloat16',
         '--config.train.loss=vocab', '--config.train.grad_accum=2',
         '--config.data.multi_behavior=False'],
+    'sasrec': ['--config.model.name=sasrec', '--config.model.mask_padding=True'],
 }
 FORMAT_FILES = {'taobao': 'syn_taobao.csv', 'csv': 'syn_events.csv'}
 
@@ -104,6 +106,10 @@ def _run_case(name: str, flags: list[str], paths: dict, root) -> dict:
   out['evaluate'] = (ev.returncode, ev.stdout[-6000:], ev.stderr[-3000:])
   out['metrics'] = run_log.read_metrics(str(workdir))
   out['run'] = json.loads((workdir / 'run.json').read_text())
+  if name == 'sasrec':  # the second model is recommendable like GEAR
+    rec = run_module('gear_jax.recommend', '--workdir', str(workdir), '--user', '1,2',
+                     '--k', '3', env=env)
+    out['recommend'] = (rec.returncode, rec.stdout[-3000:], rec.stderr[-3000:])
   summary = workdir / 'summary.json'
   out['summary'] = json.loads(summary.read_text()) if summary.exists() else None
   return out
@@ -148,6 +154,12 @@ def test_option_case(results, name):
     assert 'val_full/NDCG@10' in keys
   if '--config.data.split=val_test' in flags:
     assert {'test/NDCG@10', 'test/Recall@10'} <= set(summary['test'])
+  if '--config.model.name=sasrec' in flags:
+    assert 'model: SASRec' in r['epoch1'][1]
+    code, stdout, stderr = r['recommend']
+    assert code == 0, stderr
+    assert stdout.splitlines()[0] == 'user,rank,item,score'
+    assert len(stdout.splitlines()) == 1 + 2 * 3
   # the platform-dependent choices as resolved on this CPU, recorded in run.json
   env = r['run']['environment']
   assert env['kernels'] == ('xla' if '--config.model.kernels=xla' in flags else 'cpu')

@@ -32,7 +32,8 @@ def load_dataset(data_config) -> tuple[GearData, LoadInfo]:
   if syn.enabled and not os.path.isfile(path):
     from gear_jax.data import synthetic
     synthetic.ensure_dataset(path, num_users=int(syn.num_users),
-                             num_items=int(syn.num_items), seed=int(syn.seed))
+                             num_items=int(syn.num_items), seed=int(syn.seed),
+                             **synthetic.preset_knobs(syn.get('preset', '')))
   elif not os.path.isfile(path):
     generate = ('add --config.data.synthetic.enabled=True to generate a synthetic data '
                 'set at that path' if int(syn.num_users) > 0 else

@@ -59,6 +59,9 @@ PRESETS = {
     'test': dict(num_users=300, num_items=150),
     # examples / configs/demo.py: GEAR (d=32, L=50) trains in minutes on 2 CPU cores
     'demo': dict(num_users=4000, num_items=1500),
+    # the demo's size with goal sessions: signals only a multi-behavior, time-aware
+    # model reads (being tuned to become the demo, issue 15)
+    'demo_goals': dict(num_users=4000, num_items=1500, goal_sessions=True),
     # throughput benchmark: about 2.3 M interactions, retail-like item/user ratio
     'bench': dict(num_users=70000, num_items=50000),
 }
@@ -101,6 +104,17 @@ def _defaults(num_items: int) -> dict:
       gap_view=40.0,           # median gap between views in a session
       gap_action=12.0,         # median gap from a view to its fav / cart / buy
       gap_session_hours=16.0,  # median gap between sessions
+      # --- goal sessions (the 'demo' preset; off by default, see `_simulate_goals`)
+      goal_sessions=False,     # each session pursues a goal item; replaces the funnel above
+      num_neighbours=10,       # neighbours per goal item (same category, uniform)
+      p_hint=0.5,              # P(a view is a neighbour of the session's goal)
+      p_cart_goal=0.2,         # P(at a view: view the goal and cart it), once a session
+      p_again=0.12,            # P(the viewed item is viewed once more right away)
+      p_cart_other=0.04,       # P(an item that is not the goal is carted, never bought)
+      p_wander=0.7,            # P(a view after the goal's cart is in a random category)
+      p_buy_cart=0.35,         # P(a view after the goal's cart ends in buying it)
+      p_buy_direct=0.04,       # P(a buy without a cart this session)
+      p_buy_old_cart=0.3,      # ... of which on a cart left in an earlier session
       # --- output
       min_untouched=100,       # histories are cut so each user leaves this many of the
                                # occurring items untouched (99 sampled negatives)
@@ -128,7 +142,10 @@ def generate(num_users: int, num_items: int, *, seed: int = 0,
     k['median_len'] = float(np.clip(num_items / 30, 4, 14.5))
   rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x6EA2]))
   world = _World(num_items, k, rng)
-  cols = _simulate(world, num_users, k, rng)
+  if k['goal_sessions']:
+    cols = _simulate_goals(world, num_users, k, rng)
+  else:
+    cols = _simulate(world, num_users, k, rng)
   return _cap_distinct(cols, int(k['min_untouched']))
 
 
@@ -311,6 +328,125 @@ def _simulate(world: _World, num_users: int, k: dict,
   return cols
 
 
+def _simulate_goals(world: _World, num_users: int, k: dict,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Sessions with a goal: signals that only a multi-behavior, time-aware model reads.
+
+  Each session pursues a goal item G drawn from one of the user's categories:
+  - views of G's neighbours (its successors in the item graph) hint at G (`p_hint`);
+    the others follow the current item's successors or jump inside G's category;
+  - once a session the user may view G and cart it (`p_cart_goal`); carts of other
+    items happen too but are never bought (`p_cart_other`), and any item may be viewed
+    twice in a row (`p_again`) or favourited, so a repeated item is not a cart;
+  - a buy lands on the goal carted earlier in this session (`p_buy_cart` per later
+    view: minutes after the cart); without such a cart, buys are rare
+    (`p_buy_direct`) and go to the goal itself or, less often, to an item carted in an
+    earlier session (days before, `p_buy_old_cart`).
+  A first-order transition model sees only the last item (often a neighbour of G); an
+  item-sequence model (SASRec) can combine the neighbours seen and repetitions; GEAR
+  also sees which item was carted and how long ago."""
+  # neighbours: uniform draws from the goal's category, so that one viewed neighbour
+  # points at about `num_neighbours` possible goals and several narrow them down
+  n_nb = int(k['num_neighbours'])
+  num_items = len(world.items)
+  cats = np.repeat(world.item_cat[1:], n_nb)
+  span = (world.start[cats + 1] - world.start[cats])
+  neighbours = np.zeros((num_items + 1, n_nb), np.int64)
+  neighbours[1:] = world.items[world.start[cats] + (rng.random(len(cats)) * span)
+                               .astype(np.int64)].reshape(num_items, n_nb)
+  n_liked = int(k['num_liked'])
+  liked = world.sample_cats(rng, num_users * n_liked).reshape(num_users, n_liked)
+  liked_cdf = np.cumsum(rng.dirichlet(np.ones(n_liked), num_users), axis=1)
+  budget = np.rint(k['median_len'] * np.exp(k['len_sigma'] *
+                                            rng.standard_normal(num_users)))
+  budget = np.clip(budget, 3, k['max_views']).astype(np.int64)
+  uid = np.arange(num_users)
+  t = START_TIME + np.floor(rng.random(num_users) * k['start_span_days'] * _DAY
+                            ).astype(np.int64)
+  cur = np.zeros(num_users, np.int64)
+  goal = np.zeros(num_users, np.int64)
+  cart = np.zeros(num_users, np.int64)  # the goal carted and not bought yet, 0: none
+  fresh = np.zeros(num_users, bool)  # ... carted in the current session
+  since = np.zeros(num_users, np.int64)  # views since that cart
+  done = np.zeros(num_users, np.int64)
+  new_session = np.ones(num_users, bool)
+  out = {name: [] for name in ('user', 'item', 'behavior', 'timestamp')}
+
+  def emit(mask, items, code, times):
+    out['user'].append(uid[mask])
+    out['item'].append(items[mask])
+    out['behavior'].append(np.full(int(mask.sum()), code, np.uint8))
+    out['timestamp'].append(times[mask])
+
+  def action_gap(mask, a, scale=1.0):
+    return mask * _lognormal_gap(rng, k['gap_action'] * scale, 0.8, a, 3600)
+
+  step = 0
+  while len(uid):
+    a = len(uid)
+    u = rng.random((a, 13))
+    liked_j = (u[:, 0:1] > liked_cdf[uid]).sum(axis=1)
+    home = liked[uid, np.minimum(liked_j, n_liked - 1)]
+    home = np.where(u[:, 1] < k['p_explore'], world.sample_cats(rng, a), home)
+    goal = np.where(new_session, world.sample_in_cats(rng, home, world.pop_cdf), goal)
+    fresh &= ~new_session
+    # --- the view
+    hint = neighbours[goal, np.minimum((u[:, 2] * n_nb).astype(np.int64), n_nb - 1)]
+    follow = world.successor(np.where(cur > 0, cur, goal), u[:, 3])
+    jump = world.sample_in_cats(rng, world.item_cat[goal], world.pop_cdf)
+    r = u[:, 4]
+    item = np.where(r < k['p_hint'], hint, np.where(r < k['p_hint'] + k['p_follow'] *
+                                                    (1 - k['p_hint']), follow, jump))
+    wander = world.sample_in_cats(rng, world.sample_cats(rng, a), world.pop_cdf)
+    item = np.where(fresh & (u[:, 12] < k['p_wander']), wander, item)
+    item = np.where(new_session, hint, item)
+    cart_goal = ~new_session & ~fresh & (u[:, 5] < k['p_cart_goal'])
+    item = np.where(cart_goal, goal, item)
+    gap = np.where(new_session,
+                   _lognormal_gap(rng, k['gap_session_hours'] * 3600, 1.3, a, 60 * _DAY),
+                   _lognormal_gap(rng, k['gap_view'], 1.0, a, 3600))
+    if step:
+      t = t + gap
+    step += 1
+    emit(np.ones(a, bool), item, PV, t)
+    again = u[:, 6] < k['p_again']
+    t = t + again * _lognormal_gap(rng, k['gap_view'] / 2, 1.0, a, 3600)
+    emit(again, item, PV, t)
+    fav = u[:, 7] < k['p_fav']
+    t = t + action_gap(fav, a)
+    emit(fav, item, FAV, t)
+    carted = cart_goal | (u[:, 8] < k['p_cart_other'])
+    t = t + action_gap(carted, a)
+    emit(carted, item, CART, t)
+    cart = np.where(cart_goal, goal, cart)
+    since = np.where(cart_goal, 0, since + 1)
+    fresh |= cart_goal
+    # --- the buy
+    buy_cart = fresh & (since >= 1) & (u[:, 9] < k['p_buy_cart'])
+    buy_direct = ~fresh & (u[:, 9] < k['p_buy_direct'])
+    old = (cart > 0) & (u[:, 10] < k['p_buy_old_cart'])
+    target = np.where(buy_cart, cart, np.where(old, cart, goal))
+    buy = buy_cart | buy_direct
+    t = t + action_gap(buy, a, 2.5)
+    emit(buy, target, BUY, t)
+    cart = np.where(buy & (target == cart), 0, cart)
+    fresh &= ~buy
+    cur = item
+    done += 1
+    end_u = u[:, 11]
+    new_session = np.where(buy, end_u < k['p_end_after_buy'], end_u < k['p_end'])
+    keep = ~(new_session & (done >= budget[uid]))
+    if not keep.all():
+      uid, t, cur, goal, cart, fresh, since, done, new_session = (
+          x[keep] for x in (uid, t, cur, goal, cart, fresh, since, done, new_session))
+
+  cols = {name: np.concatenate(parts) for name, parts in out.items()}
+  order = np.argsort(cols['user'], kind='stable')
+  cols = {name: col[order] for name, col in cols.items()}
+  cols['user'] = cols['user'].astype(np.int64) + 1
+  return cols
+
+
 def _cap_distinct(cols: dict[str, np.ndarray], min_untouched: int
                   ) -> dict[str, np.ndarray]:
   """Cuts histories so that every user leaves `min_untouched` occurring items untouched.
@@ -408,6 +544,16 @@ def summarize(columns: dict[str, np.ndarray]) -> dict:
               items=len(np.unique(columns['item'])),
               interactions=len(columns['user']),
               **{name: int(c) for name, c in zip(BEHAVIORS, counts)})
+
+
+def preset_knobs(name: str) -> dict:
+  """The knobs of a preset (its sizes left out); {} for ''."""
+  if not name:
+    return {}
+  if name not in PRESETS:
+    raise ConfigError(f'unknown synthetic preset {name!r}; use one of {sorted(PRESETS)}',
+                      field='config.data.synthetic.preset')
+  return {k: v for k, v in PRESETS[name].items() if k not in ('num_users', 'num_items')}
 
 
 def ensure_dataset(path: str | os.PathLike, *, num_users: int, num_items: int,
