@@ -137,6 +137,10 @@ def validate_config(config) -> None:
                       f'{config.model.n_head}', field='config.model.d_model')
   if not 0.0 <= config.model.dropout < 1.0:
     raise ConfigError('dropout must be in [0, 1)', field='config.model.dropout')
+  preset = config.data.synthetic.get('preset', '')
+  if preset:
+    from gear_jax.data import synthetic
+    synthetic.preset_knobs(preset)  # ConfigError naming config.data.synthetic.preset
   if float(config.train.loss_memory_mb) < 0:
     raise ConfigError('must be >= 0 (0 = sized from the device)',
                       field='config.train.loss_memory_mb')

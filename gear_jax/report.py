@@ -488,8 +488,12 @@ def plot_comparison(records: list[RunRecord], path: str) -> None:
   metric = records[0].monitor if len({r.monitor for r in records}) == 1 else 'val/NDCG@10'
   for i, r in enumerate(records):
     rows = [x for x in r.metrics if _finite(x.get(metric))]
+    label = os.path.basename(os.path.normpath(r.workdir))
+    if not (r.summary or {}).get('learned', True) and rows:  # a baseline: one level
+      ax.axhline(rows[0][metric], color=f'C{i % 10}', ls='--', label=label)
+      continue
     ax.plot([x['epoch'] for x in rows], [x[metric] for x in rows], color=f'C{i % 10}',
-            label=os.path.basename(os.path.normpath(r.workdir)))
+            label=label)
   ax.set(xlabel='epoch', ylabel=metric, title=f'{metric} per epoch')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)

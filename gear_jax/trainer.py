@@ -73,7 +73,9 @@ class EarlyStopping:
 
 def check_resumable(saved: dict, config) -> None:
   """Refuses to resume a workdir whose run used a different configuration."""
-  old, new = flat_config(saved), flat_config(config)
+  # keys added to the config since the run started count with their default values
+  old = {**flat_config(defaults.get_default_config()), **flat_config(saved)}
+  new = flat_config(config)
   changed = [k for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k)
              and not any(k == r or (r.endswith('.') and k.startswith(r))

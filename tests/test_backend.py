@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 from gear_jax import backend, defaults, losses, trainer
 from gear_jax import model as model_lib
-from gear_jax.errors import ConfigError
+from gear_jax.errors import ConfigError, ResumeRefused
 
 
 class FakeDevice:
@@ -114,3 +114,15 @@ def test_resuming_on_another_backend_is_allowed():
   new.model.kernels, new.train.loss_memory_mb = 'xla', 4096
   new.train.deterministic_ops = False
   trainer.check_resumable(old.to_dict(), new)
+
+
+def test_config_saved_before_new_keys_still_resumes():
+  """A run's config.json from before model.name / data.synthetic.preset existed: the
+  missing keys count with their defaults, so resuming is not refused."""
+  saved = defaults.get_default_config().to_dict()
+  del saved['model']['name'], saved['data']['synthetic']['preset']
+  trainer.check_resumable(saved, defaults.get_default_config())
+  changed = defaults.get_default_config()
+  changed.model.name = 'sasrec'
+  with pytest.raises(ResumeRefused, match='model.name'):
+    trainer.check_resumable(saved, changed)

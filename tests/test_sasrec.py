@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import run_module
 from gear_jax import defaults, steps
 from gear_jax import model as M
 from gear_jax import sasrec
@@ -83,8 +84,13 @@ def test_loss_is_next_item_cross_entropy(setup):
   assert float(jnp.abs(grads['pos_emb']['embedding']).max()) > 0
 
 
-def test_model_name_is_validated():
+def test_model_name_is_validated(tmp_path):
   config = defaults.get_default_config()
   config.model.name = 'bert4rec'
   with pytest.raises(ConfigError, match="model.name"):
     defaults.validate_config(config)
+  out = run_module('gear_jax.train', '--config', 'configs/test.py', '--workdir',
+                   str(tmp_path / 'w'), '--config.model.name=bert4rec')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert "config.model.name" in out.stderr and "'gear', 'sasrec'" in out.stderr
+  assert not (tmp_path / 'w' / 'checkpoints').exists()

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from gear_jax.data import synthetic
+from gear_jax.errors import ConfigError
 
 TEST = synthetic.PRESETS['test']
-DEMO = synthetic.PRESETS['demo']
+DEMO = synthetic.PRESETS['funnel']  # the funnel at the demo's size
 
 
 @pytest.fixture(scope='module')
@@ -87,7 +88,11 @@ def test_unknown_knob_raises():
 
 
 def test_presets():
-  assert set(synthetic.PRESETS) == {'demo', 'test', 'bench'}
+  assert set(synthetic.PRESETS) == {'demo', 'funnel', 'test', 'bench'}
+  assert synthetic.preset_knobs('demo') == {'goal_sessions': True}  # sizes left out
+  assert synthetic.preset_knobs('') == {}
+  with pytest.raises(ConfigError, match='synthetic.preset'):
+    synthetic.preset_knobs('huge')
   assert synthetic.PRESETS['bench']['num_users'] == 70000
   assert 3000 <= DEMO['num_users'] <= 5000 and 1000 <= DEMO['num_items'] <= 2000
   cols = synthetic.generate(**TEST, seed=0)
@@ -249,10 +254,10 @@ def test_ensure_dataset_writes_once(tmp_path, capsys):
 # ------------------------------------------------------------------ goal sessions
 
 def test_goal_sessions_plant_cart_then_buy():
-  """The 'demo_goals' preset: buys land on an item carted minutes before in the same
+  """The 'demo' preset: buys land on an item carted minutes before in the same
   session, and a first-order transition model sees much less of it than the funnel's."""
-  cols = synthetic.generate(**synthetic.PRESETS['demo_goals'], seed=0)
-  again = synthetic.generate(**synthetic.PRESETS['demo_goals'], seed=0)
+  cols = synthetic.generate(**synthetic.PRESETS['demo'], seed=0)
+  again = synthetic.generate(**synthetic.PRESETS['demo'], seed=0)
   assert all(np.array_equal(cols[k], again[k]) for k in cols)  # deterministic
   user, item, beh, ts = cols['user'], cols['item'], cols['behavior'], cols['timestamp']
   same = user[1:] == user[:-1]
