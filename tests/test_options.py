@@ -38,10 +38,12 @@ CASES = {
     'mesh4x2_shard_xla': ['--config.mesh.data=4', '--config.mesh.model=2',
                           '--config.mesh.shard_items=True', '--config.model.kernels=xla',
                           '--config.train.deterministic_ops=False'],
-    'taobao_valtest_popularity_token_default_masked': [
-        '--config.data.format=taobao', '--config.data.split=val_test',
-        '--config.eval.negatives=popularity', '--config.train.loss=token',
-        '--config.model.precision=default', '--config.model.mask_padding=True'],
+    # SASRec reads only items: here with another format, split, sampler and loss
+    'sasrec_taobao_valtest_popularity_token_default_masked': [
+        '--config.model.name=sasrec', '--config.data.format=taobao',
+        '--config.data.split=val_test', '--config.eval.negatives=popularity',
+        '--config.train.loss=token', '--config.model.precision=default',
+        '--config.model.mask_padding=True'],
     'csv_full_bf16_vocab_accum2_single_behavior': [
         '--config.data.format=csv', '--config.data.csv.delimiter=;',
         '--config.data.csv.columns.user=visitor', '--config.data.csv.columns.item=product',
@@ -52,7 +54,6 @@ CASES = {
         '--config.eval.other_protocol=True', '--config.model.precision=bfloat16',
         '--config.train.loss=vocab', '--config.train.grad_accum=2',
         '--config.data.multi_behavior=False'],
-    'sasrec': ['--config.model.name=sasrec', '--config.model.mask_padding=True'],
 }
 FORMAT_FILES = {'taobao': 'syn_taobao.csv', 'csv': 'syn_events.csv'}
 
@@ -106,7 +107,7 @@ def _run_case(name: str, flags: list[str], paths: dict, root) -> dict:
   out['evaluate'] = (ev.returncode, ev.stdout[-6000:], ev.stderr[-3000:])
   out['metrics'] = run_log.read_metrics(str(workdir))
   out['run'] = json.loads((workdir / 'run.json').read_text())
-  if name == 'sasrec':  # the second model is recommendable like GEAR
+  if '--config.model.name=sasrec' in flags:  # the second model is recommendable too
     rec = run_module('gear_jax.recommend', '--workdir', str(workdir), '--user', '1,2',
                      '--k', '3', env=env)
     out['recommend'] = (rec.returncode, rec.stdout[-3000:], rec.stderr[-3000:])
