@@ -35,7 +35,9 @@ from gear_jax import cli, defaults, run_log
 from gear_jax.data import load_dataset, load_negatives
 
 NAMES = ('popularity', 'transition')
-_BLOCK_CELLS = 1 << 24  # cases x items scored at once in the full protocol (128 MB)
+# cases x items scored at once in the full protocol: 4 M cells, about 100 MB of int64 keys,
+# float64 counts and scores
+_BLOCK_CELLS = 1 << 22
 
 
 @dataclasses.dataclass
