@@ -127,6 +127,13 @@ class PaddedEmbed(nn.Module):
     return x.astype(self.dtype)
 
 
+def item_table(num_items: int, features: int, dtype, table_rows: int = 0) -> PaddedEmbed:
+  """The item embedding (also the tied item head) of GEAR and SASRec: Xavier-uniform
+  over the num_items + 1 real rows, zero padding rows up to `table_rows` (if larger)."""
+  return PaddedEmbed(table_rows or num_items + 1, features,
+                     _padded_init(nn.initializers.xavier_uniform(), num_items + 1), dtype)
+
+
 class DenseParams(nn.Module):
   """The kernel [n_in, features] and bias [features] of an `nn.Dense` (same names,
   shapes and initialisers), for layers that apply them inside a custom computation."""
@@ -306,9 +313,7 @@ class GEAR(nn.Module):
     if self.kernels not in ('cpu', 'xla'):
       raise ValueError(f"kernels must be 'cpu' or 'xla', got {self.kernels!r}")
     d = self.d_model
-    self.item_emb = PaddedEmbed(self.table_rows or self.num_items + 1, d,
-                                _padded_init(nn.initializers.xavier_uniform(),
-                                             self.num_items + 1), self.dtype)
+    self.item_emb = item_table(self.num_items, d, self.dtype, self.table_rows)
     self.behavior_emb = PaddedEmbed(self.num_behaviors + 1, d, behavior_embedding_init,
                                     self.dtype)
     self.LayerNorm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
@@ -380,19 +385,16 @@ def build(num_items: int, num_behaviors: int, model_config, precision: str = 'fl
     raise ValueError(f"model.name must be 'gear' or 'sasrec', got {name!r}")
   if name == 'sasrec':
     from gear_jax import sasrec  # it builds on this module's blocks
-    return sasrec.SASRec(
-        num_items=num_items, num_behaviors=num_behaviors, table_rows=table_rows,
-        d_model=model_config.d_model, n_head=model_config.n_head,
-        n_layer=model_config.n_layer, dropout=model_config.dropout,
-        mask_padding=bool(model_config.get('mask_padding', True)),
-        dtype=compute_dtype(precision), precision=matmul_precision(precision),
-        kernels=backend.resolve_kernels(model_config.get('kernels', 'auto')))
-  return GEAR(num_items=num_items, num_behaviors=num_behaviors, table_rows=table_rows,
-              d_model=model_config.d_model, n_head=model_config.n_head,
-              n_layer=model_config.n_layer, dropout=model_config.dropout,
-              mask_padding=bool(model_config.get('mask_padding', False)),
-              dtype=compute_dtype(precision), precision=matmul_precision(precision),
-              kernels=backend.resolve_kernels(model_config.get('kernels', 'auto')))
+    cls = sasrec.SASRec
+  else:
+    cls = GEAR
+  return cls(num_items=num_items, num_behaviors=num_behaviors, table_rows=table_rows,
+             d_model=model_config.d_model, n_head=model_config.n_head,
+             n_layer=model_config.n_layer, dropout=model_config.dropout,
+             # without the key: the model's own default (GEAR False, SASRec True)
+             mask_padding=bool(model_config.get('mask_padding', cls.mask_padding)),
+             dtype=compute_dtype(precision), precision=matmul_precision(precision),
+             kernels=backend.resolve_kernels(model_config.get('kernels', 'auto')))
 
 
 def init_params(model: GEAR, key: Array, max_len: int) -> dict:

@@ -51,6 +51,11 @@ class RunRecord:
     return self.summary is None
 
   @property
+  def learned(self) -> bool:
+    """False for a non-learned baseline (gear_jax.baselines): no epochs, no parameters."""
+    return (self.summary or {}).get('learned', True)
+
+  @property
   def monitor(self) -> str:
     return str(self.config.get('eval.monitor', 'val/NDCG@10'))
 
@@ -452,10 +457,8 @@ def comparison_rows(records: list[RunRecord]) -> tuple[list[str], list[list], li
   if shared_test:
     cols += [('metric', lambda r: r.summary['test'].get('test/Recall@10')),
              ('metric', lambda r: r.summary['test'].get('test/NDCG@10'))]
-  # a non-learned baseline (gear_jax.baselines) trains no epochs and has no parameters
-  learned = lambda r: (r.summary or {}).get('learned', True)  # noqa: E731
-  cols += [('count', lambda r: float(len(r.metrics)) if learned(r) else 0.0),
-           ('seconds', lambda r: training_figures(r)['epoch_s_mean'] if learned(r)
+  cols += [('count', lambda r: float(len(r.metrics)) if r.learned else 0.0),
+           ('seconds', lambda r: training_figures(r)['epoch_s_mean'] if r.learned
             else math.nan),
            ('count', lambda r: float((r.summary or {}).get('num_params', math.nan)))]
   digits = {'metric': 4, 'seconds': 2, 'count': 0}
@@ -489,7 +492,7 @@ def plot_comparison(records: list[RunRecord], path: str) -> None:
   for i, r in enumerate(records):
     rows = [x for x in r.metrics if _finite(x.get(metric))]
     label = os.path.basename(os.path.normpath(r.workdir))
-    if not (r.summary or {}).get('learned', True) and rows:  # a baseline: one level
+    if not r.learned and rows:  # a baseline: one level
       ax.axhline(rows[0][metric], color=f'C{i % 10}', ls='--', label=label)
       continue
     ax.plot([x['epoch'] for x in rows], [x[metric] for x in rows], color=f'C{i % 10}',

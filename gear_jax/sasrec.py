@@ -12,9 +12,8 @@ are ignored. Shapes as in `gear_jax.model` (B batch, L max_len, d d_model, V ite
             as GEAR's upper stack (and the same kernels, `model.kernels`)
   head      tied to E_item: the output at position t scores i_{t+1}
 
-It is trained with the full-softmax cross-entropy (`losses.linear_cross_entropy`, the
-chunked item loss GEAR uses) to predict the next item at every position of the
-sequence, and exposes the interface GEAR does (`__call__`, `last_state`, the
+It is trained with the full-softmax cross-entropy (`steps.sasrec_loss`: the chunked
+item loss GEAR uses) to predict the next item at every position of the sequence, and exposes the interface GEAR does (`__call__`, `last_state`, the
 `item_emb` parameter, `num_items`, `dtype`, `precision`), so evaluation, checkpoints,
 resuming, sharding the item table, recommendation and export work unchanged.
 """
@@ -61,10 +60,7 @@ class SASRec(nn.Module):
     if self.d_model % self.n_head:
       raise ValueError(f'd_model {self.d_model} is not divisible by n_head {self.n_head}')
     d = self.d_model
-    self.item_emb = model_lib.PaddedEmbed(
-        self.table_rows or self.num_items + 1, d,
-        model_lib._padded_init(nn.initializers.xavier_uniform(), self.num_items + 1),
-        self.dtype)
+    self.item_emb = model_lib.item_table(self.num_items, d, self.dtype, self.table_rows)
     self.blocks = [model_lib.EncoderLayer(d, self.n_head, self.dropout, self.dtype,
                                           self.precision, self.kernels)
                    for _ in range(self.n_layer)]
@@ -98,27 +94,3 @@ class SASRec(nn.Module):
       x = block(x, valid, None, True)
     return self.blocks[-1](x, valid, None, True, last=1)[:, 0]
 
-
-def loss_terms(model: SASRec, params, batch: dict[str, Array], dropout_key, *,
-               loss_impl: str, loss_memory_mb: float, vocab_shards: int
-               ) -> tuple[Array, dict[str, Array]]:
-  """Next-item cross-entropy at every position whose token and label are real items,
-  mean over those positions."""
-  from gear_jax import losses
-  items = batch['items']  # [B, L]
-  deterministic = dropout_key is None
-  rngs = None if deterministic else {'dropout': dropout_key}
-  h = model.apply({'params': params}, items, batch['behaviors'], batch['gaps'],
-                  deterministic=deterministic, rngs=rngs)  # [B, L-1, d]
-  labels = items[:, 1:]
-  weights = ((labels != 0) & (items[:, :-1] != 0)).astype(jnp.float32).reshape(-1)
-  total = losses.linear_cross_entropy(
-      h.reshape(-1, h.shape[-1]), model_lib.item_embedding(params, model.num_items),
-      labels.reshape(-1), weights, impl=loss_impl, memory_budget_mb=loss_memory_mb,
-      precision=model.precision,
-      compute_dtype=None if model.dtype == jnp.float32 else model.dtype,
-      vocab_shards=vocab_shards)
-  count = weights.sum()
-  loss = total / jnp.maximum(count, 1.0)
-  return loss, {'loss': loss, 'item_loss': loss, 'behavior_loss': jnp.zeros(()),
-                'positions': count}

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gear_jax import losses, metrics, parallel, sasrec
+from gear_jax import losses, metrics, parallel
 from gear_jax import model as model_lib
 
 Array = jax.Array
@@ -88,6 +88,22 @@ def create_state(model: model_lib.GEAR, tx: optax.GradientTransformation, mesh, 
   return jax.jit(make, out_shardings=shardings)(params, rng=rng)
 
 
+def item_cross_entropy(params, hidden: Array, labels: Array, weights: Array, *, model,
+                       loss_impl: str, loss_memory_mb: float, vocab_shards: int
+                       ) -> tuple[Array, Array]:
+  """(mean, count) of the item head's cross-entropy of `hidden` [..., d] against the
+  item table for `labels` [...], over the positions where `weights` [...] is 1."""
+  weights = weights.astype(jnp.float32).reshape(-1)
+  total = losses.linear_cross_entropy(
+      hidden.reshape(-1, hidden.shape[-1]),
+      model_lib.item_embedding(params, model.num_items), labels.reshape(-1), weights,
+      impl=loss_impl, memory_budget_mb=loss_memory_mb, precision=model.precision,
+      compute_dtype=None if model.dtype == jnp.float32 else model.dtype,
+      vocab_shards=vocab_shards)
+  count = weights.sum()
+  return total / jnp.maximum(count, 1.0), count
+
+
 def gear_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,
               model: model_lib.GEAR, alpha: float, loss_impl: str = 'auto',
               loss_memory_mb: float = 256.0, vocab_shards: int = 1
@@ -101,33 +117,42 @@ def gear_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,
   rngs = None if deterministic else {'dropout': dropout_key}
   h_beh, h_item = model.apply({'params': params}, items, behaviors, batch['gaps'],
                               deterministic=deterministic, rngs=rngs)
-  d = h_beh.shape[-1]
-  weights = (items != 0).astype(jnp.float32).reshape(-1)  # [B*L]
-  item_sum = losses.linear_cross_entropy(
-      h_beh.reshape(-1, d), model_lib.item_embedding(params, model.num_items),
-      items.reshape(-1),
-      weights, impl=loss_impl, memory_budget_mb=loss_memory_mb,
-      precision=model.precision,
-      compute_dtype=None if model.dtype == jnp.float32 else model.dtype,
-      vocab_shards=vocab_shards)
-  item_count = weights.sum()
+  item_loss, item_count = item_cross_entropy(
+      params, h_beh, items, items != 0, model=model, loss_impl=loss_impl,
+      loss_memory_mb=loss_memory_mb, vocab_shards=vocab_shards)
   beh_sum, beh_count = losses.masked_mean_cross_entropy(
       model_lib.behavior_logits(params, h_item, model.precision), behaviors[:, 1:])
-  item_loss = item_sum / jnp.maximum(item_count, 1.0)
   beh_loss = beh_sum / jnp.maximum(beh_count, 1.0)
   loss = item_loss + alpha * beh_loss
   return loss, {'loss': loss, 'item_loss': item_loss, 'behavior_loss': beh_loss,
                 'positions': item_count}
 
 
+def sasrec_loss(params, batch: dict[str, Array], dropout_key: Array | None, *, model,
+                loss_impl: str = 'auto', loss_memory_mb: float = 256.0,
+                vocab_shards: int = 1) -> tuple[Array, dict[str, Array]]:
+  """SASRec's loss: next-item cross-entropy at every position whose token and label
+  are real items, mean over those positions."""
+  items = batch['items']  # [B, L]
+  rngs = None if dropout_key is None else {'dropout': dropout_key}
+  h = model.apply({'params': params}, items, batch['behaviors'], batch['gaps'],
+                  deterministic=dropout_key is None, rngs=rngs)  # [B, L-1, d]
+  labels = items[:, 1:]
+  loss, count = item_cross_entropy(
+      params, h, labels, (labels != 0) & (items[:, :-1] != 0), model=model,
+      loss_impl=loss_impl, loss_memory_mb=loss_memory_mb, vocab_shards=vocab_shards)
+  return loss, {'loss': loss, 'item_loss': loss, 'behavior_loss': jnp.zeros(()),
+                'positions': count}
+
+
 def model_loss(params, batch: dict[str, Array], dropout_key: Array | None, *, model,
                alpha: float, loss_impl: str = 'auto', loss_memory_mb: float = 256.0,
                vocab_shards: int = 1) -> tuple[Array, dict[str, Array]]:
   """The training loss of `model`: `gear_loss` for GEAR, next-item cross-entropy for
-  SASRec (`sasrec.loss_terms`; `alpha` has no behavior head to weigh there)."""
+  SASRec (`sasrec_loss`; `alpha` has no behavior head to weigh there)."""
   if model.KIND == 'sasrec':
-    return sasrec.loss_terms(model, params, batch, dropout_key, loss_impl=loss_impl,
-                             loss_memory_mb=loss_memory_mb, vocab_shards=vocab_shards)
+    return sasrec_loss(params, batch, dropout_key, model=model, loss_impl=loss_impl,
+                       loss_memory_mb=loss_memory_mb, vocab_shards=vocab_shards)
   return gear_loss(params, batch, dropout_key, model=model, alpha=alpha,
                    loss_impl=loss_impl, loss_memory_mb=loss_memory_mb,
                    vocab_shards=vocab_shards)
