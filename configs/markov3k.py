@@ -11,20 +11,12 @@ runtime about a minute on a 2-core CPU (the reference takes 157 s).
 from gear_jax.defaults import get_default_config
 
 
-def get_config():
-  config = get_default_config()
-  config.seed = 42
+def get_config(model: str = 'gear'):
+  config = get_default_config(model)
   config.data.path = 'tests/data/markov3k/retail.txt.gz'  # tests/data/README.md
   config.data.max_len = 20
-  config.model.d_model = 32
-  config.model.n_head = 2
   config.model.n_layer = 2
-  config.model.dropout = 0.2
   config.train.batch_size = 32
   config.train.num_epochs = 40
   config.train.patience = 40
-  config.train.lr = 1e-3
-  config.train.weight_decay = 1e-6
-  config.train.alpha = 0.1
-  config.eval.protocol = 'sampled'
   return config

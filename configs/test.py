@@ -10,18 +10,16 @@ metric is not meaningful at this size.
 from gear_jax.defaults import get_default_config
 
 
-def get_config():
-  config = get_default_config()
+def get_config(model: str = 'gear'):
+  config = get_default_config(model)
   config.seed = 0
   config.data.path = 'data/synthetic_test.txt'
   config.data.synthetic.enabled = True
   config.data.synthetic.num_users = 300
   config.data.synthetic.num_items = 150
-  config.data.synthetic.seed = 0
   config.data.max_len = 12
   config.data.threads = 1
   config.model.d_model = 8
-  config.model.n_head = 2
   config.model.n_layer = 1
   config.model.dropout = 0.1
   config.train.batch_size = 32

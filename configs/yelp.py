@@ -11,24 +11,14 @@ seconds per epoch on a GPU, under a minute per epoch on a laptop CPU.
 from gear_jax.defaults import get_default_config
 
 
-def get_config():
-  config = get_default_config()
-  config.seed = 42
+def get_config(model: str = 'gear'):
+  config = get_default_config(model)
   config.data.path = 'data/yelp.txt'
-  config.data.format = 'tsv'
   config.data.behaviors = ('tip', 'neg', 'neutral', 'pos')
   config.data.target = 'pos'
-  config.data.max_len = 50
   config.model.d_model = 16
-  config.model.n_head = 2
   config.model.n_layer = 2
   config.model.dropout = 0.1
-  config.train.batch_size = 128
   config.train.num_epochs = 500
-  config.train.patience = 30
-  config.train.lr = 1e-3
-  config.train.weight_decay = 1e-6
-  config.train.alpha = 0.1
-  config.eval.protocol = 'sampled'
   config.eval.other_protocol = True
   return config

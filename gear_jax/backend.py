@@ -2,7 +2,7 @@
 item loss may take, and XLA's determinism flag.
 
 * `resolve_kernels`: ``config.model.kernels`` = 'auto' | 'xla' | 'cpu'. 'cpu' is the
-  hand-written attention / feed-forward VJPs of `gear_jax.kernels`, tuned for XLA:CPU
+  hand-written attention / feed-forward VJPs of `gear_jax.models.kernels`, tuned for XLA:CPU
   (query blocks, transposed score layout, optimisation barriers that stop XLA from
   fusing across them). 'xla' is the plain formulation of the same functions
   (`kernels.attend_reference` / `ffn_reference`) that JAX autodiff differentiates and
@@ -30,7 +30,6 @@ import os
 import sys
 from typing import Any
 
-KERNELS = ('auto', 'xla', 'cpu')
 CPU_LOSS_BUDGET_MB = 256.0
 # Of one device's allocatable memory (bytes_limit): the budgeted logits of one chunk.
 # The rest holds parameters, optimizer state, activations and XLA's other temporaries;
@@ -47,8 +46,10 @@ def default_platform() -> str:
 def resolve_kernels(choice: str, platform: str | None = None) -> str:
   """'cpu' or 'xla' for a ``model.kernels`` setting on `platform` ('cpu', 'gpu', 'tpu';
   default: the platform JAX computes on)."""
-  if choice not in KERNELS:
-    raise ValueError(f'model.kernels must be one of {KERNELS}, got {choice!r}')
+  from gear_jax import defaults
+  allowed = defaults.choices('model.kernels')
+  if choice not in allowed:
+    raise ValueError(f'model.kernels must be one of {allowed}, got {choice!r}')
   if choice != 'auto':
     return choice
   return 'cpu' if (platform or default_platform()) == 'cpu' else 'xla'

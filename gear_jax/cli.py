@@ -12,6 +12,7 @@ Library functions never install signal handlers; the command lines do, here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -23,22 +24,82 @@ from collections.abc import Callable
 from gear_jax.errors import Interrupted, UserError, is_failed_read_echo
 
 
-def config_from_flag(name: str = 'config'):
-  """The ConfigDict of a `config_flags` flag (None if not given), with synthetic data
-  generated only on purpose: a ``data.path`` set on the command line must exist
-  unless ``--config.data.synthetic.enabled=True`` is given too (a mistyped path is a
-  clean "file not found", never a silently generated data set)."""
+def run(main_fn: Callable[[list[str]], None], define_flags: Callable[[], None]) -> None:
+  """How every ``python -m gear_jax.X`` starts: `define_flags()` (the module's own
+  absl flags), then ``app.run`` with a flag parser that turns a bad flag (a mistyped
+  ``--config.*`` key, a value of the wrong type, a missing required flag, a config
+  file that does not load) into one ``error:`` line and exit status 2."""
+  from absl import app
+  from gear_jax import defaults
+  with _user_errors():
+    with defaults.flag_errors(sys.argv):
+      define_flags()
+  app.run(main_fn, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  from absl import flags
+  from gear_jax import defaults
+  with _user_errors():
+    return defaults.parse_flags(flags.FLAGS, argv)
+
+
+@contextlib.contextmanager
+def _user_errors():
+  try:
+    yield
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def define_config_file(help_text: str = 'Config file (configs/*.py; '
+                       "configs/X.py:sasrec for another model's variant).",
+                       required: bool = True) -> None:
+  """``--config FILE[:variant]`` with ``--config.*`` overrides."""
   from absl import flags
   from ml_collections import config_flags
-  flag = flags.FLAGS[name]
-  config = flag.value
-  if config is None:
-    return None
-  overrides = config_flags.get_override_values(flag)
-  if 'data.path' in overrides and 'data.synthetic.enabled' not in overrides:
-    with config.unlocked():
-      config.data.synthetic.enabled = False
-  return config
+  config_flags.DEFINE_config_file('config', None, help_text, lock_config=True)
+  if required:
+    flags.mark_flag_as_required('config')
+
+
+def define_config_overrides(help_text: str) -> None:
+  """``--config.*`` overrides of a run's own config.json (no file)."""
+  from ml_collections import config_flags
+  from gear_jax import defaults
+  config_flags.DEFINE_config_dict('config', defaults.get_default_config(), help_text)
+
+
+def define_run_flags(workdir_help: str = 'Run directory (config.json, checkpoints/).',
+                     checkpoint: bool = True) -> None:
+  """``--workdir`` (required) and, with `checkpoint`, ``--checkpoint``."""
+  from absl import flags
+  flags.DEFINE_string('workdir', None, workdir_help)
+  flags.mark_flag_as_required('workdir')
+  if checkpoint:
+    flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
+
+
+def config_from_flag(name: str = 'config'):
+  """The ConfigDict of a `config_flags` flag (None if not given); synthetic data only
+  on purpose (`defaults.synthetic_on_purpose`)."""
+  from absl import flags
+  from gear_jax import defaults
+  return defaults.synthetic_on_purpose(flags.FLAGS[name])
+
+
+def override_values(name: str = 'config') -> dict:
+  """The ``--config.*`` values given on the command line, flat."""
+  from absl import flags
+  from ml_collections import config_flags
+  return dict(config_flags.get_override_values(flags.FLAGS[name]))
+
+
+def no_arguments(argv: list[str]) -> None:
+  from absl import app
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
 
 
 def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:

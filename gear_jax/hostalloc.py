@@ -24,11 +24,11 @@ jax_cpu_enable_async_dispatch=False. So `configure()` also turns JAX's asynchron
 dispatch on CPU devices off whenever it applies the allocator settings: steps then run
 inline and the heap holds one scratch buffer, not a run-dependent number of them
 (training and evaluation speed unchanged within this machine's noise, measured in the
-README). Routing large buffers to mmap instead (M_MMAP_THRESHOLD) brings back ~78,000
+docs/performance.md). Routing large buffers to mmap instead (M_MMAP_THRESHOLD) brings back ~78,000
 page faults a step (step 1.1 s -> 1.8 s, measured).
 
 Importing gear_jax changes nothing. `configure()` is called by `trainer.train_and_evaluate`
-and `evaluate.run` (so by both command lines) and by the benchmark scripts, first thing,
+and `evaluator.evaluate_run` (so by the command lines) and by the benchmark scripts, first thing,
 before XLA starts its thread pool: the arena setting only binds threads that have not
 allocated yet. A program that drives the model and steps itself can call it first. It
 does nothing when the C library is not glibc, when JAX will not compute on the CPU

@@ -43,6 +43,9 @@ import numpy as np
 import optax
 from jax import lax
 
+from gear_jax import defaults
+from gear_jax.models.layers import item_embedding
+
 PrecisionLike = Any  # None | str | jax.lax.Precision | tuple of two of them
 DTypeLike = Any
 
@@ -58,7 +61,6 @@ _MAX_TOKEN_CHUNK_CPU = 512
 # [V, d] gradient accumulator instead of computing; vocabulary chunks are better then.
 _MIN_USEFUL_TOKEN_CHUNK = 64
 _MIN_VOCAB_CHUNK = 128
-IMPLS = ("dense", "token", "vocab", "auto")
 
 
 # --------------------------------------------------------------------------------------
@@ -447,8 +449,9 @@ def linear_cross_entropy(
   only [chunk, V / vocab_shards] logits, which is what the budget is planned for, and
   'auto' keeps to token chunks: a scan over vocabulary chunks would gather the table.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  impls = defaults.choices("train.loss")
+  if impl not in impls:
+    raise ValueError(f"impl must be one of {impls}, got {impl!r}")
   kw = dict(precision=precision, compute_dtype=compute_dtype)
   if impl == "dense":
     return dense_linear_cross_entropy(hidden, embedding, labels, weights, **kw)
@@ -483,3 +486,21 @@ def masked_mean_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> tuple
   mask = labels != 0
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   return jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(mask).astype(jnp.float32)
+
+
+def item_cross_entropy(params, hidden: jnp.ndarray, labels: jnp.ndarray,
+                       weights: jnp.ndarray, *, model, loss_impl: str,
+                       loss_memory_mb: float, vocab_shards: int
+                       ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(mean, count) of the item head's cross-entropy of `hidden` [..., d] against
+  `model`'s item table for `labels` [...], over the positions where `weights` [...]
+  is 1 (the one `linear_cross_entropy` call of every model's loss)."""
+  weights = weights.astype(jnp.float32).reshape(-1)
+  total = linear_cross_entropy(
+      hidden.reshape(-1, hidden.shape[-1]), item_embedding(params, model.num_items),
+      labels.reshape(-1), weights, impl=loss_impl, memory_budget_mb=loss_memory_mb,
+      precision=model.precision,
+      compute_dtype=None if model.dtype == jnp.float32 else model.dtype,
+      vocab_shards=vocab_shards)
+  count = weights.sum()
+  return total / jnp.maximum(count, 1.0), count

@@ -1,4 +1,4 @@
-"""Pure train and eval steps, the training state and the optimizer.
+"""Pure train, eval and recommend steps, the training state and the optimizer.
 
 `train_step` and `eval_step` are module-level pure functions with explicit arguments;
 the trainer binds the static ones (model, optimizer, loss settings) with
@@ -17,14 +17,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gear_jax import losses, metrics, parallel
-from gear_jax import model as model_lib
+from gear_jax import metrics, parallel, retrieval
+from gear_jax.models import registry
+from gear_jax.models.interface import SequenceModel
 
 Array = jax.Array
 
 
 # The base dropout key uses XLA's RngBitGenerator ('rbg'): each dropout site draws only
-# two words from it (the mask bits come from a hash, see model.Dropout), and with rbg
+# two words from it (the mask bits come from a hash, see layers.Dropout), and with rbg
 # the train step compiles ~30% faster on CPU than with threefry. Deterministic either way.
 DROPOUT_PRNG = 'rbg'
 
@@ -61,16 +62,16 @@ def init_state(params, tx: optax.GradientTransformation, rng: Array) -> TrainSta
                     step=jnp.zeros((), jnp.int32), rng=rng)
 
 
-def param_target(model: model_lib.GEAR, mesh, max_len: int, shard_items: bool):
+def param_target(model: SequenceModel, mesh, max_len: int, shard_items: bool):
   """Shapes, dtypes and shardings of the parameters on `mesh` (restore targets)."""
-  shapes = jax.eval_shape(functools.partial(model_lib.init_params, model,
+  shapes = jax.eval_shape(functools.partial(registry.init_params, model,
                                             max_len=max_len), jax.random.PRNGKey(0))
   shardings = parallel.state_shardings(shapes, mesh, shard_items)
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-def create_state(model: model_lib.GEAR, tx: optax.GradientTransformation, mesh, *,
+def create_state(model: SequenceModel, tx: optax.GradientTransformation, mesh, *,
                  seed: int, max_len: int, shard_items: bool = False) -> TrainState:
   """The initial training state, created directly with its shardings on `mesh`.
 
@@ -78,7 +79,7 @@ def create_state(model: model_lib.GEAR, tx: optax.GradientTransformation, mesh, 
   `dropout_base_key(seed)`; the optimizer state is sharded like the parameters
   (`parallel.state_shardings`)."""
   target = param_target(model, mesh, max_len, shard_items)
-  init = jax.jit(functools.partial(model_lib.init_params, model, max_len=max_len),
+  init = jax.jit(functools.partial(registry.init_params, model, max_len=max_len),
                  out_shardings=jax.tree_util.tree_map(lambda x: x.sharding, target))
   params = init(jax.random.fold_in(jax.random.PRNGKey(seed), 0))
   rng = dropout_base_key(seed)
@@ -88,84 +89,14 @@ def create_state(model: model_lib.GEAR, tx: optax.GradientTransformation, mesh, 
   return jax.jit(make, out_shardings=shardings)(params, rng=rng)
 
 
-def item_cross_entropy(params, hidden: Array, labels: Array, weights: Array, *, model,
-                       loss_impl: str, loss_memory_mb: float, vocab_shards: int
-                       ) -> tuple[Array, Array]:
-  """(mean, count) of the item head's cross-entropy of `hidden` [..., d] against the
-  item table for `labels` [...], over the positions where `weights` [...] is 1."""
-  weights = weights.astype(jnp.float32).reshape(-1)
-  total = losses.linear_cross_entropy(
-      hidden.reshape(-1, hidden.shape[-1]),
-      model_lib.item_embedding(params, model.num_items), labels.reshape(-1), weights,
-      impl=loss_impl, memory_budget_mb=loss_memory_mb, precision=model.precision,
-      compute_dtype=None if model.dtype == jnp.float32 else model.dtype,
-      vocab_shards=vocab_shards)
-  count = weights.sum()
-  return total / jnp.maximum(count, 1.0), count
-
-
-def gear_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,
-              model: model_lib.GEAR, alpha: float, loss_impl: str = 'auto',
-              loss_memory_mb: float = 256.0, vocab_shards: int = 1
-              ) -> tuple[Array, dict[str, Array]]:
-  """The training loss: item CE over the L behavior slots (labels i_1..i_L, padding
-  ignored, mean over the batch's real positions) + alpha * behavior CE over the L - 1
-  item slots (labels b_2..b_L). Without `dropout_key` the model runs deterministically.
-  """
-  items, behaviors = batch['items'], batch['behaviors']  # [B, L]
-  deterministic = dropout_key is None
-  rngs = None if deterministic else {'dropout': dropout_key}
-  h_beh, h_item = model.apply({'params': params}, items, behaviors, batch['gaps'],
-                              deterministic=deterministic, rngs=rngs)
-  item_loss, item_count = item_cross_entropy(
-      params, h_beh, items, items != 0, model=model, loss_impl=loss_impl,
-      loss_memory_mb=loss_memory_mb, vocab_shards=vocab_shards)
-  beh_sum, beh_count = losses.masked_mean_cross_entropy(
-      model_lib.behavior_logits(params, h_item, model.precision), behaviors[:, 1:])
-  beh_loss = beh_sum / jnp.maximum(beh_count, 1.0)
-  loss = item_loss + alpha * beh_loss
-  return loss, {'loss': loss, 'item_loss': item_loss, 'behavior_loss': beh_loss,
-                'positions': item_count}
-
-
-def sasrec_loss(params, batch: dict[str, Array], dropout_key: Array | None, *, model,
-                loss_impl: str = 'auto', loss_memory_mb: float = 256.0,
-                vocab_shards: int = 1) -> tuple[Array, dict[str, Array]]:
-  """SASRec's loss: next-item cross-entropy at every position whose token and label
-  are real items, mean over those positions."""
-  items = batch['items']  # [B, L]
-  rngs = None if dropout_key is None else {'dropout': dropout_key}
-  h = model.apply({'params': params}, items, batch['behaviors'], batch['gaps'],
-                  deterministic=dropout_key is None, rngs=rngs)  # [B, L-1, d]
-  labels = items[:, 1:]
-  loss, count = item_cross_entropy(
-      params, h, labels, (labels != 0) & (items[:, :-1] != 0), model=model,
-      loss_impl=loss_impl, loss_memory_mb=loss_memory_mb, vocab_shards=vocab_shards)
-  return loss, {'loss': loss, 'item_loss': loss, 'behavior_loss': jnp.zeros(()),
-                'positions': count}
-
-
-def model_loss(params, batch: dict[str, Array], dropout_key: Array | None, *, model,
-               alpha: float, loss_impl: str = 'auto', loss_memory_mb: float = 256.0,
-               vocab_shards: int = 1) -> tuple[Array, dict[str, Array]]:
-  """The training loss of `model`: `gear_loss` for GEAR, next-item cross-entropy for
-  SASRec (`sasrec_loss`; `alpha` has no behavior head to weigh there)."""
-  if model.KIND == 'sasrec':
-    return sasrec_loss(params, batch, dropout_key, model=model, loss_impl=loss_impl,
-                       loss_memory_mb=loss_memory_mb, vocab_shards=vocab_shards)
-  return gear_loss(params, batch, dropout_key, model=model, alpha=alpha,
-                   loss_impl=loss_impl, loss_memory_mb=loss_memory_mb,
-                   vocab_shards=vocab_shards)
-
-
-def train_step(state: TrainState, batch: dict[str, Array], *, model: model_lib.GEAR,
+def train_step(state: TrainState, batch: dict[str, Array], *, model: SequenceModel,
                tx: optax.GradientTransformation, alpha: float, loss_impl: str,
                loss_memory_mb: float, vocab_shards: int = 1
                ) -> tuple[TrainState, dict[str, Array]]:
   """One micro-step: forward, backward, optimizer update (or accumulation)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=DROPOUT_PRNG),
                            state.step)
-  grad_fn = jax.value_and_grad(model_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(registry.spec_of(model).loss, has_aux=True)
   (_, aux), grads = grad_fn(state.params, batch, key, model=model, alpha=alpha,
                             loss_impl=loss_impl, loss_memory_mb=loss_memory_mb,
                             vocab_shards=vocab_shards)
@@ -175,7 +106,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: model_lib.G
   return state.replace(params=params, opt_state=opt_state, step=state.step + 1), aux
 
 
-def eval_step(params, batch: dict[str, Array], *, model: model_lib.GEAR,
+def eval_step(params, batch: dict[str, Array], *, model: SequenceModel,
               protocols: Sequence[str], ks: Sequence[int], full_chunk: int
               ) -> dict[str, dict[str, Array]]:
   """Metric sums of one evaluation batch for each protocol ('sampled', 'full')."""
@@ -186,22 +117,22 @@ def eval_step(params, batch: dict[str, Array], *, model: model_lib.GEAR,
   out = {}
   for protocol in protocols:
     if protocol == 'sampled':
-      scores = model_lib.score_candidates(params, h_last, batch['candidates'],
+      scores = retrieval.score_candidates(params, h_last, batch['candidates'],
                                           model.precision)  # [B, C]
       rank = metrics.rank_of_first(scores)
     else:
-      rank = model_lib.rank_in_catalogue(params, h_last, batch['target'], full_chunk,
+      rank = retrieval.rank_in_catalogue(params, h_last, batch['target'], full_chunk,
                                          model.precision, model.num_items)
     out[protocol] = metrics.rank_sums(rank, batch['mask'], ks)
   return out
 
 
-def recommend_step(params, batch: dict[str, Array], *, model: model_lib.GEAR, k: int,
-                   chunk: int = model_lib.TOP_K_CHUNK) -> tuple[Array, Array]:
+def recommend_step(params, batch: dict[str, Array], *, model: SequenceModel, k: int,
+                   chunk: int = retrieval.TOP_K_CHUNK) -> tuple[Array, Array]:
   """The top-k items for the scored slot of each window: ([B, k] f32 scores, [B, k]
-  int32 item ids), best first, over the whole catalogue (`model.top_k_in_catalogue`);
+  int32 item ids), best first, over the whole catalogue (`retrieval.top_k_in_catalogue`);
   batch['exclude'] ([B, H] item ids, 0 = none) lists items not to return per row."""
   h_last = model.apply({'params': params}, batch['items'], batch['behaviors'],
                        batch['gaps'], method='last_state')  # [B, d]
-  return model_lib.top_k_in_catalogue(params, h_last, k, chunk, model.precision,
+  return retrieval.top_k_in_catalogue(params, h_last, k, chunk, model.precision,
                                       model.num_items, batch['exclude'])

@@ -15,103 +15,39 @@ command again. ``--config.*`` overrides pass through to every run. At the end
 
 from __future__ import annotations
 
-import itertools
-import os
-import subprocess
-import sys
-import time
+from absl import flags
 
-from gear_jax import cli, defaults
-from gear_jax.errors import ConfigError, UserError
+from gear_jax import cli
+from gear_jax.errors import ConfigError
 
 
-def parse_sets(specs: list[str]) -> list[tuple[str, list[str]]]:
-  """['model.d_model=32,64'] -> [('model.d_model', ['32', '64'])]."""
-  out = []
-  for spec in specs:
-    key, sep, values = spec.partition('=')
-    items = [v.strip() for v in values.split(',') if v.strip()]
-    if not sep or not key.strip() or not items:
-      raise ConfigError(f'--set {spec!r}: expected KEY=V1,V2,...', field='--set',
-                        hint='e.g. --set model.d_model=32,64')
-    out.append((key.strip(), items))
-  return out
-
-
-def run_name(settings: list[tuple[str, str]]) -> str:
-  """A directory name from settings: the last part of each key, '=' and the value."""
-  return ','.join(f'{k.rsplit(".", 1)[-1]}={v}' for k, v in settings).replace('/', '_')
-
-
-def combinations(sets: list[tuple[str, list[str]]], seeds: list[str]
-                 ) -> list[list[tuple[str, str]]]:
-  keys = [k for k, _ in sets] + ['seed']
-  grids = [v for _, v in sets] + [seeds]
-  return [list(zip(keys, values)) for values in itertools.product(*grids)]
-
-
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Directory of the sweep; one sub-directory a run.')
+def define_flags():
+  cli.define_config_file()
+  cli.define_run_flags('Directory of the sweep; one sub-directory a run.', checkpoint=False)
   flags.DEFINE_list('seeds', ['42'], 'Seeds; every setting is run with each.')
   flags.DEFINE_multi_string('set', [], 'KEY=V1,V2,...: a config key and its values '
                             '(repeatable; all combinations are run).')
-  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 @cli.main
 def main(argv):
-  from absl import flags
+  cli.no_arguments(argv)
   from ml_collections import config_flags
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments: {argv[1:]}')
+  from gear_jax import defaults, sweeper
   f = flags.FLAGS
-  config = f['config'].value
-  sets = parse_sets(f.set)
-  flat = defaults.flat_config(config)
+  sets = sweeper.parse_sets(f.set)
+  flat = defaults.flat_config(f['config'].value)
   for key, _ in sets:
     if key not in flat:
       raise ConfigError(f'--set {key}: not a config key', field='--set',
                         hint='keys look like model.d_model or train.lr')
   if not f.seeds:
     raise ConfigError('--seeds is empty', field='--seeds')
-  passthrough = [f'--config.{k}={_flag_value(v)}'
-                 for k, v in config_flags.get_override_values(f['config']).items()]
-  config_file = config_flags.get_config_filename(f['config'])
-  os.makedirs(f.workdir, exist_ok=True)
-  runs = combinations(sets, list(f.seeds))
-  start = time.perf_counter()
-  for i, settings in enumerate(runs, 1):
-    workdir = os.path.join(f.workdir, run_name(settings))
-    if os.path.exists(os.path.join(workdir, 'summary.json')):
-      print(f'[{i}/{len(runs)}] {workdir}: finished, skipped', file=sys.stderr, flush=True)
-      continue
-    how = 'resuming' if os.path.isdir(os.path.join(workdir, 'checkpoints')) else 'starting'
-    print(f'[{i}/{len(runs)}] {workdir}: {how}', file=sys.stderr, flush=True)
-    cmd = [sys.executable, '-m', 'gear_jax.train', '--config', config_file,
-           '--workdir', workdir, *passthrough,
-           *[f'--config.{k}={v}' for k, v in settings]]
-    code = subprocess.call(cmd)
-    if code:
-      raise UserError(f'run {workdir} failed (exit {code}); its output is above',
-                      hint='fix it and run the same sweep command again: finished runs '
-                      'are skipped, this one resumes')
-  from gear_jax import report
-  path = report.write_comparison(
-      [os.path.join(f.workdir, run_name(s)) for s in runs], f.workdir)
-  print(f'sweep: {len(runs)} runs in {time.perf_counter() - start:.0f}s; wrote {path}',
-        file=sys.stderr, flush=True)
-
-
-def _flag_value(v) -> str:
-  """A parsed override as ml_collections parses it back from a flag."""
-  return str(tuple(v)) if isinstance(v, (list, tuple)) else str(v)
+  passthrough = [f'--config.{k}={sweeper.flag_value(v)}'
+                 for k, v in cli.override_values().items()]
+  sweeper.run_all(config_flags.get_config_filename(f['config']), f.workdir,
+                  sweeper.combinations(sets, list(f.seeds)), passthrough)
 
 
 if __name__ == '__main__':
-  from absl import app
-  _define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from gear_jax import cli
 from gear_jax.lock import WorkdirLock
 
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  cli.define_config_file()
+  cli.define_run_flags('Run directory: checkpoints, metrics, logs.', checkpoint=False)
 
 
 def _first_process(config) -> bool:
@@ -35,8 +39,7 @@ def _first_process(config) -> bool:
 
 @cli.main
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.no_arguments(argv)
   config = cli.config_from_flag()
   from gear_jax import defaults
   defaults.validate_config(config)
@@ -52,8 +55,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, logs.')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main, define_flags)

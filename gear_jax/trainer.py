@@ -26,22 +26,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gear_jax import checkpoint as ckpt_lib
 from gear_jax import backend, defaults, hostalloc, parallel, run_log, steps
 from gear_jax.defaults import flat_config
-from gear_jax import model as model_lib
+from gear_jax.models import layers, registry
+from gear_jax.models.interface import SequenceModel
 from gear_jax.data import load_dataset
 from gear_jax.data import pipeline as pipeline_lib
 from gear_jax.errors import (CheckpointError, ConfigError, Interrupted, ResumeRefused,
                              TrainingDiverged)
-from gear_jax.evaluate import Evaluator
+from gear_jax.evaluator import Evaluator
 from gear_jax.lock import WorkdirLock
-
-# Config keys that may change when a run is resumed in the same workdir; any other
-# difference means a different experiment and is refused.
-RESUMABLE_KEYS = ('train.num_epochs', 'train.patience', 'train.log_every',
-                  'data.threads', 'data.cache', 'data.cache_dir', 'data.path',
-                  'data.synthetic.enabled', 'eval.batch_size', 'mesh.', 'distributed.',
-                  # how, not what, is computed: the same function on another backend
-                  'model.kernels', 'train.loss_memory_mb', 'train.deterministic_ops')
-
 
 @dataclasses.dataclass
 class EarlyStopping:
@@ -72,14 +64,13 @@ class EarlyStopping:
 
 
 def check_resumable(saved: dict, config) -> None:
-  """Refuses to resume a workdir whose run used a different configuration."""
+  """Refuses to resume a workdir whose run used a different configuration (keys the
+  table in `gear_jax.defaults` marks resumable may change)."""
   # keys added to the config since the run started count with their default values
   old = {**flat_config(defaults.get_default_config()), **flat_config(saved)}
   new = flat_config(config)
   changed = [k for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k)
-             and not any(k == r or (r.endswith('.') and k.startswith(r))
-                         for r in RESUMABLE_KEYS)]
+             if old.get(k) != new.get(k) and not defaults.resumable(k)]
   if changed:
     detail = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed[:6])
     raise ResumeRefused(f'the workdir holds a run with a different config ({detail})',
@@ -132,14 +123,14 @@ def _build(config, workdir: str) -> _Run:
                                             process_index=pidx, process_count=pcount)
 
   shard_items = bool(config.mesh.shard_items)
-  model = model_lib.build(data.num_items, data.num_behaviors, config.model,
-                          config.model.precision,
-                          parallel.table_rows(data.num_items, mesh, shard_items))
+  model = registry.build(data.num_items, data.num_behaviors, config.model,
+                         config.model.precision,
+                         parallel.table_rows(data.num_items, mesh, shard_items))
   tx = steps.make_optimizer(float(config.train.lr), float(config.train.weight_decay),
                             int(config.train.grad_accum))
   state = steps.create_state(model, tx, mesh, seed=seed, max_len=max_len,
                              shard_items=shard_items)
-  n_params = model_lib.count_params(state.params, data.num_items)
+  n_params = layers.count_params(state.params, data.num_items)
   budget, how = loss_budget(config, mesh)
   _log(f'model: {type(model).__name__} d_model={model.d_model} n_head={model.n_head} '
        f'n_layer={model.n_layer}, {n_params:,} parameters ({n_params / 1e6:.1f} M), '
@@ -174,7 +165,7 @@ def loss_budget(config, mesh) -> tuple[float, str]:
   return backend.loss_budget_mb(config.train.loss_memory_mb, mesh.devices.flat[0])
 
 
-def jit_train_step(config, model: model_lib.GEAR, tx, mesh, state: steps.TrainState,
+def jit_train_step(config, model: SequenceModel, tx, mesh, state: steps.TrainState,
                    batch) -> Any:
   """The jitted train step as the trainer runs it, for `batch` (abstract, sharded):
   the state's shardings pinned on both sides, so the donated state keeps its layout

@@ -1,51 +1,42 @@
 """Non-learned baselines under exactly the trainer's evaluation protocol (a shortcut
 that prints them; `python -m gear_jax.baselines` writes them as run directories).
 
-  python scripts/baselines.py --config configs/demo.py [--split val] [--json]
+  python scripts/heuristics.py --config configs/demo.py [--split val] [--json]
 
   popularity   items ranked by their training frequency
   transition   items ranked by how often they follow the case's previous item in the
                training data (first-order Markov), popularity breaking ties
 Sampled protocol (1 + eval.num_negatives candidates, the trainer's cached negatives),
-Recall / NDCG at 1, 5, 10, 20, 50 and MRR; the logic is gear_jax/baselines.py's.
+Recall / NDCG at 1, 5, 10, 20, 50 and MRR; the logic is gear_jax/heuristics.py's.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
-from gear_jax import baselines
+from gear_jax import defaults, heuristics
 from gear_jax.data import load_dataset, load_negatives
-
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location('config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', required=True)
+  parser.add_argument('--config', required=True, help='configs/X.py[:variant]')
   parser.add_argument('--split', default='val', choices=['val', 'test'])
   parser.add_argument('--data_path', default='', help='override config.data.path')
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
-  config = load_config(args.config)
-  if args.data_path:
-    config.data.path = args.data_path
+  config = defaults.load_config(args.config, {'data.path': args.data_path}
+                                if args.data_path else {})
   data, _ = load_dataset(config.data)
-  counts = baselines.fit(data)
+  counts = heuristics.fit(data)
   _, pos = data.eval_cases(args.split)
   neg, _, _ = load_negatives(data, args.split, config.eval, config.data, int(config.seed))
   results = {}
-  for name in baselines.NAMES:
-    rank = baselines.sampled_ranks(name, counts, data.items[pos - 1], data.items[pos], neg,
+  for name in heuristics.NAMES:
+    rank = heuristics.sampled_ranks(name, counts, data.items[pos - 1], data.items[pos], neg,
                                    data.num_items + 1)
-    m = baselines.rank_metrics(rank, (1, 5, 10, 20, 50), 'x')
+    m = heuristics.rank_metrics(rank, (1, 5, 10, 20, 50), 'x')
     results[name] = {'MRR': m.pop('x/MRR'), **{k[2:]: v for k, v in m.items()}}
   if args.json:
     print(json.dumps({'split': args.split, 'cases': int(len(pos)), **results}))

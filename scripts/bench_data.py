@@ -13,7 +13,7 @@ reported is the data path's own. Measured, in this one process:
   baseline             the same sample construction written per sample in Python (a
                        loop over users, the L x L time matrix built per sample, as the
                        reference implementation does), timed on a subset, side by side
-The reference implementation's own figures on such a file (2-core CPU, from issue 2)
+The reference implementation's own figures on such a file (measured on a 2-core CPU)
 are printed beside ours.
 """
 
@@ -165,7 +165,7 @@ def main():
     fmt = (lambda v: '' if v is None else f'{v:,.1f}' if v < 100 else f'{v:,.0f}')
     print(f'{name:36}{fmt(ours):>14}{fmt(theirs):>14}{fmt(base):>14}')
   print('* the reference implementation measured on a file of this size on a 2-core '
-        'CPU (issue 2); "py baseline": per-sample Python construction timed here on '
+        'CPU; "py baseline": per-sample Python construction timed here on '
         f'{len(sub):,} users')
 
 

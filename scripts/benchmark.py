@@ -58,7 +58,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gear_jax import backend, hostalloc
+from gear_jax import backend, defaults, hostalloc
 
 
 def peak_rss_mb() -> float:
@@ -89,12 +89,13 @@ def synthetic_batch(rng: np.random.Generator, batch: int, max_len: int, items: i
 
 
 def train_benchmark(args) -> dict:
-  from gear_jax import model as model_lib, parallel, steps
+  from gear_jax import parallel, steps
+  from gear_jax.models import layers, registry
   mesh = parallel.make_mesh()
   model_config = ml_collections.ConfigDict(dict(
       d_model=args.d_model, n_head=args.n_head, n_layer=args.n_layer, dropout=0.2,
       mask_padding=False, kernels=args.kernels))
-  model = model_lib.build(args.items, 4, model_config, args.precision)
+  model = registry.build(args.items, 4, model_config, args.precision)
   tx = steps.make_optimizer(1e-3, 1e-6)
   state = steps.create_state(model, tx, mesh, seed=0, max_len=args.max_len)
   budget, _ = backend.loss_budget_mb(args.loss_memory_mb, mesh.devices.flat[0])
@@ -120,14 +121,13 @@ def train_benchmark(args) -> dict:
               compile_s=round(compile_s, 2), step_s=round(step_s, 4),
               step_s_min=round(min(times), 4),
               train_seq_per_s=round(args.batch / step_s, 1),
-              final_loss=float(aux['loss']), params=model_lib.count_params(state.params),
+              final_loss=float(aux['loss']), params=layers.count_params(state.params),
               state=state, model=model, mesh=mesh)
 
 
 def eval_benchmark(args, model, params, mesh) -> dict:
-  from gear_jax import defaults
   from gear_jax.data import preprocess, readers, synthetic
-  from gear_jax.evaluate import Evaluator
+  from gear_jax.evaluator import Evaluator
   tmp = tempfile.mkdtemp(prefix='gear_bench_eval_')
   path = os.path.join(tmp, 'eval.txt')
   synthetic.write_tsv(path, synthetic.generate(args.eval_users, args.items, seed=1))
@@ -150,8 +150,8 @@ def eval_benchmark(args, model, params, mesh) -> dict:
   return out
 
 
-MATRIX_CHOICES = (('float32', 'default', 'bfloat16'), backend.KERNELS,
-                  ('auto', 'token', 'vocab', 'dense'))
+MATRIX_CHOICES = (defaults.choices('model.precision'), defaults.choices('model.kernels'),
+                  defaults.choices('train.loss'))
 
 
 def parse_matrix(parser, text: str) -> list[tuple[str, str, str]]:
@@ -220,7 +220,8 @@ def main():
   parser.add_argument('--n_layer', type=int, default=4)
   parser.add_argument('--precision', default='float32',
                       choices=['float32', 'default', 'bfloat16'])
-  parser.add_argument('--kernels', default='auto', choices=list(backend.KERNELS))
+  parser.add_argument('--kernels', default='auto',
+                      choices=list(defaults.choices('model.kernels')))
   parser.add_argument('--loss', default='auto',
                       choices=['auto', 'token', 'vocab', 'dense', 'chunked'],
                       help="the item loss ('chunked' = auto)")

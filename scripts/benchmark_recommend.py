@@ -48,7 +48,7 @@ def build(directory: str, items: int, users: int, eval_batch: int
     return data_path, workdir, users_path
   from gear_jax import defaults, parallel, run_log, steps
   from gear_jax import checkpoint as ckpt_lib
-  from gear_jax import model as model_lib
+  from gear_jax.models import registry
   from gear_jax.data import load_dataset, synthetic
   cols = synthetic.generate(users, items, seed=1)
   missing = np.setdiff1d(np.arange(1, items + 1), cols['item'])
@@ -70,7 +70,7 @@ def build(directory: str, items: int, users: int, eval_batch: int
   data, _ = load_dataset(config.data)
   assert data.num_items == items, (data.num_items, items)
   mesh = parallel.make_mesh(1, 1)
-  model = model_lib.build(data.num_items, data.num_behaviors, config.model)
+  model = registry.build(data.num_items, data.num_behaviors, config.model)
   state = steps.create_state(model, steps.make_optimizer(1e-3, 1e-6), mesh, seed=0,
                              max_len=int(config.data.max_len))
   store = ckpt_lib.CheckpointStore(workdir, num_items=data.num_items, mesh=mesh)
@@ -85,14 +85,15 @@ def build(directory: str, items: int, users: int, eval_batch: int
 
 
 def phase_eval(workdir: str) -> dict:
-  from gear_jax import evaluate, hostalloc, parallel
+  from gear_jax import hostalloc, parallel, rundir
+  from gear_jax.evaluator import Evaluator
   from gear_jax.data import load_dataset
   hostalloc.configure()
-  config = evaluate.config_from_workdir(workdir)
+  config = rundir.read_config(workdir)
   data, _ = load_dataset(config.data)
   mesh = parallel.make_mesh(1, 1)
-  trained = evaluate.load_trained(config, workdir, data, mesh)
-  evaluator = evaluate.Evaluator(data, config, trained.model, mesh, verbose=False)
+  trained = rundir.load_trained(config, workdir, data, mesh)
+  evaluator = Evaluator(data, config, trained.model, mesh, verbose=False)
   evaluator.evaluate(trained.params, 'val')  # compiles
   times = []
   for _ in range(PASSES):
@@ -108,17 +109,17 @@ def phase_eval(workdir: str) -> dict:
 def phase_recommend(workdir: str, users_path: str, k: int, batch: int, exclude: str,
                     out_dir: str) -> dict:
   import contextlib
-  from gear_jax import hostalloc, recommend
+  from gear_jax import hostalloc, recommender
   hostalloc.configure()
-  rec = recommend.Recommender.load(workdir, batch_size=batch)
-  hist, missing = rec.select_users(recommend.read_user_ids(users_path))
+  rec = recommender.Recommender.load(workdir, batch_size=batch)
+  hist, missing = rec.select_users(recommender.read_user_ids(users_path))
   assert not missing
   next(rec.iter_batches(hist, k=k, exclude=exclude))  # compiles, off the clock
   out = os.path.join(out_dir, 'recs.csv')
   runs = []
   for _ in range(PASSES):
     with open(os.devnull, 'w') as devnull, contextlib.redirect_stderr(devnull):
-      runs.append(recommend.write_recommendations(rec, hist, users_path, k=k,
+      runs.append(recommender.write_recommendations(rec, hist, users_path, k=k,
                                                   exclude=exclude, at=None, output=out))
   summary = min(runs, key=lambda r: r['seconds'])
   return dict(users=summary['users'], rows=summary['rows'],

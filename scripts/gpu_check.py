@@ -21,13 +21,13 @@ Steps, each in its own subprocess (a failing step is reported and the next one r
   train        a 2-epoch run of configs/retail.py on retail-shaped synthetic data (99,037
                items, 30,000 users): epoch seconds and the validation metrics
 Prints one JSON summary on the last line (also written to --out) and exits 1 if a step
-failed. --time_limit (default 480 s, the 8 minutes one H100 session allows) is shared:
+failed. --time_limit (default 480 s) is shared by all steps:
 a step that would start after it is skipped, a running one is stopped at it.
 
 --dry_run runs every step on the CPU at small shapes (400 items, batch 8 x 12, one
 upper block, the matrix covering each value once instead of the product, a 2-epoch run
 of configs/test.py) and skips the install; tests/test_gpu_check.py runs it in CI so that
-this script cannot rot before a GPU is lent.
+the script keeps working on machines without a GPU.
 """
 
 from __future__ import annotations

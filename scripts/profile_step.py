@@ -2,18 +2,16 @@
 
   python scripts/profile_step.py [--items 4000] [--batch 128] [--max_len 50]
       [--steps 7] [--precision float32|default|bfloat16] [--loss_impl auto]
-      [--baseline REV] [--blocked] [--profile DIR] [--top 30]
+      [--profile DIR] [--top 30]
 
 Measures the compile time (`lower(...).compile()`) and the median of --steps step times
 after two warm-up steps, for `steps.train_step` with the retail configuration (d 32,
 2 heads, 4 upper layers, dropout 0.2, alpha 0.1).
 
---baseline REV also times gear_jax/model.py and gear_jax/losses.py as they are at git
-revision REV (e.g. HEAD), in the same process (compiled second), interleaving the two
-steps so that both see the same machine state. --blocked runs all steps of one, then
-all of the other instead: with large catalogs the two states' memory can disturb each
-other when interleaved. --profile DIR writes a jax.profiler trace of a few steps of the
-current code to DIR and prints the time per op aggregated over its 'X' events.
+--profile DIR writes a jax.profiler trace of a few steps to DIR and prints the time per
+op aggregated over its 'X' events. To compare two revisions, run this script from two
+checkouts (``git worktree add ../base REV``) alternately, a few times each, and compare
+the medians (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -27,11 +25,9 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -41,32 +37,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from gear_jax import hostalloc  # noqa: E402
-from gear_jax import model as M  # noqa: E402
 from gear_jax import steps  # noqa: E402
-
-
-def _module_from_source(name: str, source: str) -> types.ModuleType:
-  mod = types.ModuleType(name)
-  mod.__file__ = f'<{name}>'
-  sys.modules[name] = mod  # dataclasses / flax look the module up by name
-  exec(compile(source, mod.__file__, 'exec'), mod.__dict__)
-  return mod
-
-
-def baseline_modules(rev: str) -> tuple[types.ModuleType, types.ModuleType]:
-  """(model, steps) modules whose model.py and losses.py come from git revision `rev`.
-
-  steps.py is the working tree's, re-executed with its `losses` and `model_lib`
-  globals pointing at the old modules, so only the two files under study differ."""
-  def show(path: str) -> str:
-    return subprocess.run(['git', '-C', REPO, 'show', f'{rev}:{path}'], check=True,
-                          capture_output=True, text=True).stdout
-  model = _module_from_source('gear_base_model', show('gear_jax/model.py'))
-  losses = _module_from_source('gear_base_losses', show('gear_jax/losses.py'))
-  with open(os.path.join(REPO, 'gear_jax', 'steps.py')) as f:
-    step_mod = _module_from_source('gear_base_steps', f.read())
-  step_mod.losses, step_mod.model_lib = losses, model
-  return model, step_mod
+from gear_jax.models import gear, layers, registry  # noqa: E402
 
 
 def make_batch(batch: int, max_len: int, items: int) -> dict[str, jax.Array]:
@@ -78,17 +50,17 @@ def make_batch(batch: int, max_len: int, items: int) -> dict[str, jax.Array]:
 
 
 class Runner:
-  """A compiled train step of one (model module, steps module) pair and its state."""
+  """A compiled train step and its state."""
 
-  def __init__(self, label: str, model_mod, steps_mod, args, batch):
+  def __init__(self, label: str, args, batch):
     self.label, self.batch = label, batch
-    m = model_mod.GEAR(num_items=args.items, num_behaviors=4, d_model=32, n_head=2,
-                       n_layer=4, dropout=0.2, dtype=M.compute_dtype(args.precision),
-                       precision=M.matmul_precision(args.precision))
-    tx = steps_mod.make_optimizer(1e-3, 1e-6)
-    params = model_mod.init_params(m, jax.random.PRNGKey(0), args.max_len)
-    self.state = steps_mod.init_state(params, tx, steps_mod.dropout_base_key(0))
-    f = jax.jit(functools.partial(steps_mod.train_step, model=m, tx=tx, alpha=0.1,
+    m = gear.GEAR(num_items=args.items, num_behaviors=4, d_model=32, n_head=2,
+                  n_layer=4, dropout=0.2, dtype=layers.compute_dtype(args.precision),
+                  precision=layers.matmul_precision(args.precision))
+    tx = steps.make_optimizer(1e-3, 1e-6)
+    params = registry.init_params(m, jax.random.PRNGKey(0), args.max_len)
+    self.state = steps.init_state(params, tx, steps.dropout_base_key(0))
+    f = jax.jit(functools.partial(steps.train_step, model=m, tx=tx, alpha=0.1,
                                   loss_impl=args.loss_impl,
                                   loss_memory_mb=args.loss_memory_mb),
                 donate_argnums=0)
@@ -159,10 +131,7 @@ def main() -> None:
   ap.add_argument('--precision', default='float32')
   ap.add_argument('--loss_impl', default='auto')
   ap.add_argument('--loss_memory_mb', type=float, default=256.0)
-  ap.add_argument('--baseline', default=None, help='git revision to compare against')
   ap.add_argument('--profile', default=None, help='trace dir; prints a per-op summary')
-  ap.add_argument('--blocked', action='store_true',
-                  help='time each implementation\'s steps back to back instead of interleaved')
   ap.add_argument('--top', type=int, default=30)
   args = ap.parse_args()
   hostalloc.configure()  # as train_and_evaluate does, before XLA starts its threads
@@ -170,23 +139,12 @@ def main() -> None:
   print(f'backend {jax.default_backend()}, {os.cpu_count()} CPUs, jax {jax.__version__}; '
         f'B {args.batch} L {args.max_len} V {args.items} precision {args.precision}')
   batch = make_batch(args.batch, args.max_len, args.items)
-  runners = [Runner('current', M, steps, args, batch)]
-  if args.baseline:
-    base_model, base_steps = baseline_modules(args.baseline)
-    runners.append(Runner(f'baseline {args.baseline}', base_model, base_steps, args, batch))
-  if args.blocked:  # each implementation's steps back to back
-    for r in runners:
-      r.step(record=False)
-      r.step(record=False)
-      for _ in range(args.steps):
-        r.step()
-  else:
-    for r in runners:
-      r.step(record=False)
-      r.step(record=False)
+  runners = [Runner('current', args, batch)]
+  for r in runners:
+    r.step(record=False)
+    r.step(record=False)
     for _ in range(args.steps):
-      for r in runners:  # interleaved: both see the same machine state
-        r.step()
+      r.step()
   for r in runners:
     med = statistics.median(r.times)
     print(json.dumps({'impl': r.label, 'items': args.items, 'compile_s': round(r.compile_s, 2),

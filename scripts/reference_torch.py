@@ -1,4 +1,4 @@
-"""PyTorch GEAR, written from ../shared/GEAR_SPEC.md, as a side-by-side speed baseline.
+"""PyTorch GEAR, written from the model of docs/model.md, as a side-by-side speed baseline.
 
 It builds the model the way the public (PyTorch) implementation does, with the same module
 and state_dict names, so that it loads the parity fixture directly.

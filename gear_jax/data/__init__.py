@@ -40,7 +40,7 @@ def load_dataset(data_config) -> tuple[GearData, LoadInfo]:
                 'or try configs/demo.py, which generates a synthetic data set offline')
     raise DataError('file not found', path=path, field='config.data.path',
                     hint='check the path; download the published file there (see '
-                    'README, "Data") or pass --config.data.path=FILE; ' + generate)
+                    'docs/data.md) or pass --config.data.path=FILE; ' + generate)
   fmt = preprocess.format_from_config(data_config)
   settings = preprocess.settings_from_config(data_config)
   return preprocess.load(path, fmt, settings, cache_dir=_cache_dir(data_config))

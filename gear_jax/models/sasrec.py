@@ -1,8 +1,9 @@
 """SASRec (Kang and McAuley, ICDM 2018) as a second model of the package.
 
-``config.model.name = 'sasrec'``: the item sequence only, as multi-behavior papers run
-it. Every interaction's item is a token, whatever its behavior; behaviors and times
-are ignored. Shapes as in `gear_jax.model` (B batch, L max_len, d d_model, V items):
+``config.model.name = 'sasrec'`` (or a config variant ``configs/demo.py:sasrec``): the
+item sequence only, as multi-behavior papers run it. Every interaction's item is a
+token, whatever its behavior; behaviors and times are ignored. Shapes as in
+`gear_jax.models.gear` (B batch, L max_len, d d_model, V items):
 
   tokens    items i_1..i_{L-1} of a window (its last slot is the label / the slot to
             score, as for GEAR)
@@ -12,22 +13,25 @@ are ignored. Shapes as in `gear_jax.model` (B batch, L max_len, d d_model, V ite
             as GEAR's upper stack (and the same kernels, `model.kernels`)
   head      tied to E_item: the output at position t scores i_{t+1}
 
-It is trained with the full-softmax cross-entropy (`steps.sasrec_loss`: the chunked
-item loss GEAR uses) to predict the next item at every position of the sequence, and exposes the interface GEAR does (`__call__`, `last_state`, the
-`item_emb` parameter, `num_items`, `dtype`, `precision`), so evaluation, checkpoints,
-resuming, sharding the item table, recommendation and export work unchanged.
+It is trained with the full-softmax cross-entropy (`sasrec_loss`: the chunked item
+loss GEAR uses) to predict the next item at every position of the sequence, and
+implements `interface.SequenceModel` as GEAR does, so evaluation, checkpoints,
+resuming, sharding the item table, recommendation and export work unchanged. Its own
+defaults (one head, two blocks, padding hidden) are its line in `registry.BUILTIN`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gear_jax import model as model_lib
+from gear_jax import losses
+from gear_jax.models import layers
+from gear_jax.models.interface import ModelSpec
 
 Array = jax.Array
 
@@ -43,7 +47,6 @@ class Positions(nn.Module):
 
 class SASRec(nn.Module):
   """Self-attentive sequential recommendation over item ids."""
-  KIND: ClassVar[str] = 'sasrec'
   num_items: int
   num_behaviors: int = 0  # unused: the model reads items only
   d_model: int = 32
@@ -53,19 +56,19 @@ class SASRec(nn.Module):
   mask_padding: bool = True  # padded positions hidden from attention, as in SASRec
   dtype: Any = jnp.float32
   precision: Any = None
-  table_rows: int = 0  # see model.GEAR.table_rows
+  table_rows: int = 0  # see gear.GEAR.table_rows
   kernels: str = 'cpu'
 
   def setup(self):
     if self.d_model % self.n_head:
       raise ValueError(f'd_model {self.d_model} is not divisible by n_head {self.n_head}')
     d = self.d_model
-    self.item_emb = model_lib.item_table(self.num_items, d, self.dtype, self.table_rows)
-    self.blocks = [model_lib.EncoderLayer(d, self.n_head, self.dropout, self.dtype,
+    self.item_emb = layers.item_table(self.num_items, d, self.dtype, self.table_rows)
+    self.blocks = [layers.EncoderLayer(d, self.n_head, self.dropout, self.dtype,
                                           self.precision, self.kernels)
                    for _ in range(self.n_layer)]
     self.pos_emb = Positions(d)
-    self.drop = model_lib.Dropout(self.dropout)
+    self.drop = layers.Dropout(self.dropout)
 
   def _input(self, items: Array, deterministic: bool) -> tuple[Array, Array | None]:
     """[B, L-1, d] token inputs and the key mask ([B, L-1] bool or None)."""
@@ -94,3 +97,24 @@ class SASRec(nn.Module):
       x = block(x, valid, None, True)
     return self.blocks[-1](x, valid, None, True, last=1)[:, 0]
 
+
+def sasrec_loss(params, batch: dict[str, Array], dropout_key: Array | None, *,
+                model: SASRec, alpha: float = 0.0, loss_impl: str = 'auto',
+                loss_memory_mb: float = 256.0, vocab_shards: int = 1
+                ) -> tuple[Array, dict[str, Array]]:
+  """SASRec's loss: next-item cross-entropy at every position whose token and label
+  are real items, mean over those positions (`alpha` has no behavior head to weigh)."""
+  del alpha
+  items = batch['items']  # [B, L]
+  rngs = None if dropout_key is None else {'dropout': dropout_key}
+  h = model.apply({'params': params}, items, batch['behaviors'], batch['gaps'],
+                  deterministic=dropout_key is None, rngs=rngs)  # [B, L-1, d]
+  labels = items[:, 1:]
+  loss, count = losses.item_cross_entropy(
+      params, h, labels, (labels != 0) & (items[:, :-1] != 0), model=model,
+      loss_impl=loss_impl, loss_memory_mb=loss_memory_mb, vocab_shards=vocab_shards)
+  return loss, {'loss': loss, 'item_loss': loss, 'behavior_loss': jnp.zeros(()),
+                'positions': count}
+
+
+SPEC = ModelSpec(name='sasrec', module=SASRec, loss=sasrec_loss)

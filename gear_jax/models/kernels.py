@@ -7,7 +7,7 @@ and `ffn_reference` compute the same functions with plain jax.numpy that autodif
 differentiates: the tests compare values and gradients of the two at the shapes users
 run (L = 50: 99 upper positions, two query blocks), with dropout, padding masks and
 bfloat16. Dropout masks come from a counter-based hash of each element's flat index
-(`keep_mask`), so both formulations (and `model.Dropout`) draw the same masks.
+(`keep_mask`), so both formulations (and `layers.Dropout`) draw the same masks.
 """
 
 from __future__ import annotations
@@ -255,3 +255,21 @@ def ffn_reference(x: Array, w1: Array, b1: Array, w2: Array, b2: Array,
                   seed: Array | None, spec: FFNSpec) -> Array:
   """`ffn` without its custom VJP: autodiff through ReLU and the same dropout mask."""
   return jnp.dot(_ffn_hidden(x, w1, b1, seed, spec), w2, precision=spec.precision) + b2
+
+
+class Implementation(NamedTuple):
+  """The attention core and feed-forward block of one ``model.kernels`` choice."""
+  attend: Any
+  ffn: Any
+
+
+# resolved kernel names (``model.kernels`` after 'auto', see gear_jax.backend)
+IMPLEMENTATIONS = {'cpu': Implementation(attend, ffn),
+                   'xla': Implementation(attend_reference, ffn_reference)}
+
+
+def implementation(name: str) -> Implementation:
+  """The functions of kernels `name` ('cpu' or 'xla')."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f'kernels must be one of {tuple(IMPLEMENTATIONS)}, got {name!r}')
+  return IMPLEMENTATIONS[name]
