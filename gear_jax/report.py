@@ -289,7 +289,25 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def build_report(record: RunRecord, figures: dict[str, str]) -> str:
-  """The Markdown text; `figures` maps 'curves' / 'at_k' to relative file names."""
+  """The Markdown text; `figures` maps 'curves' / 'at_k' to relative file names.
+
+  One helper per section, in the order of the report."""
+  best = record.best_row()
+  lines = _summary_section(record, best)
+  lines += _config_section(record)
+  lines += _environment_section(record)
+  lines += _data_section(record)
+  lines += _model_section(record)
+  lines += _training_section(record, best)
+  lines += _best_epoch_section(record, best)
+  lines += _curves_section(record, figures)
+  lines += _phases_section(record)
+  lines += _checks_section(record)
+  return '\n'.join(lines)
+
+
+def _summary_section(record: RunRecord, best: dict) -> list[str]:
+  """The title, when and from what the report was made, notices, and the summary."""
   lines = [f'# Run report: {record.workdir}', '']
   lines.append(f'Made {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} by '
                '`python -m gear_jax.report` from config.json, metrics.jsonl, '
@@ -297,7 +315,6 @@ def build_report(record: RunRecord, figures: dict[str, str]) -> str:
   lines.append('')
   for notice in record.notices:
     lines += [f'> **Note:** {notice}', '']
-  best = record.best_row()
   s = record.summary or {}
   lines += ['## Summary', '']
   lines += _table(['monitor', 'best', 'best epoch', 'epochs run', 'early stopped',
@@ -305,44 +322,63 @@ def build_report(record: RunRecord, figures: dict[str, str]) -> str:
                   [[record.monitor, best.get(record.monitor), best.get('epoch'),
                     len(record.metrics), s.get('early_stopped', 'not yet'),
                     s.get('num_params', record.info.get('model', {}).get('params'))]])
-  # configuration: what differs from the defaults first
+  return lines
+
+
+def _config_section(record: RunRecord) -> list[str]:
+  """The configuration: the keys that differ from the defaults first, then the rest."""
   default = defaults.flat_config(defaults.get_default_config())
   changed = [[k, _value(v), _value(default[k]) if k in default else '(none)']
              for k, v in sorted(record.config.items()) if default.get(k) != v]
   same = [[k, _value(v)] for k, v in sorted(record.config.items())
           if default.get(k) == v]
-  lines += ['## Configuration', '', 'Keys that differ from the defaults:', '']
+  lines = ['## Configuration', '', 'Keys that differ from the defaults:', '']
   lines += _table(['key', 'value', 'default'], changed) if changed else ['(none)', '']
-  lines += ['The other keys:', ''] + _table(['key', 'value'], same)
+  return lines + ['The other keys:', ''] + _table(['key', 'value'], same)
+
+
+def _environment_section(record: RunRecord) -> list[str]:
+  """The environment recorded in run.json."""
   env = record.info.get('environment')
-  lines += ['## Environment', '']
+  lines = ['## Environment', '']
   if env:
-    lines += _table(['item', 'value'], [[k, v] for k, v in env.items()])
-  else:
-    lines += ['Not recorded (run.json is missing: a run made before it existed).', '']
+    return lines + _table(['item', 'value'], [[k, v] for k, v in env.items()])
+  return lines + ['Not recorded (run.json is missing: a run made before it existed).', '']
+
+
+def _data_section(record: RunRecord) -> list[str]:
+  """The data set's statistics recorded in run.json."""
   data = record.info.get('data')
-  lines += ['## Data', '']
-  if data:
-    rows = [['users', data['num_users']], ['items', data['num_items']],
-            ['interactions', data['num_interactions']],
-            ['training interactions', data.get('num_train_interactions')],
-            ['validation cases', data['num_val_users']]]
-    if 'num_test_users' in data:
-      rows.append(['test cases', data['num_test_users']])
-    rows += [[f'behavior {b}', c] for b, c in data.get('behavior_counts', {}).items()]
-    rows += [[f'sequence length {k}', f'{v:,.2f}' if isinstance(v, float) else v]
-             for k, v in data.get('seq_len', {}).items()]
-    lines += _table(['', 'count'], rows)
-  else:
-    lines += ['Not recorded (run.json is missing).', '']
+  lines = ['## Data', '']
+  if not data:
+    return lines + ['Not recorded (run.json is missing).', '']
+  rows = [['users', data['num_users']], ['items', data['num_items']],
+          ['interactions', data['num_interactions']],
+          ['training interactions', data.get('num_train_interactions')],
+          ['validation cases', data['num_val_users']]]
+  if 'num_test_users' in data:
+    rows.append(['test cases', data['num_test_users']])
+  rows += [[f'behavior {b}', c] for b, c in data.get('behavior_counts', {}).items()]
+  rows += [[f'sequence length {k}', f'{v:,.2f}' if isinstance(v, float) else v]
+           for k, v in data.get('seq_len', {}).items()]
+  return lines + _table(['', 'count'], rows)
+
+
+def _model_section(record: RunRecord) -> list[str]:
+  """The model's size (run.json, else summary.json)."""
   model = record.info.get('model')
-  lines += ['## Model', '']
-  params = (model or {}).get('params', s.get('num_params'))
+  lines = ['## Model', '']
+  params = (model or {}).get('params', (record.summary or {}).get('num_params'))
   if params is not None:
     lines += _table(['parameters', 'size (MB, float32)'],
                     [[int(params), f'{params * 4 / 2**20:.2f}']])
+  return lines
+
+
+def _training_section(record: RunRecord, best: dict) -> list[str]:
+  """Epochs, steps and times of training, and why it stopped."""
   t = training_figures(record)
-  lines += ['## Training', '']
+  lines = ['## Training', '']
   lines += _table(['epochs run', 'steps per epoch', 'total steps', 'epoch s (mean)',
                    'epoch s (min)', 'epoch s (max)', 'total s', 'train seq/s (mean)',
                    'eval s (mean)'],
@@ -359,30 +395,48 @@ def build_report(record: RunRecord, figures: dict[str, str]) -> str:
   else:
     lines += [f'Early stopping did not fire: the run ended at its epoch limit '
               f'(train.num_epochs = {record.config.get("train.num_epochs")}).', '']
-  lines += [f'## Best epoch ({best.get("epoch")})', '']
-  for prefix, names in sorted(metrics_at_k(best).items()):
+  return lines
+
+
+def _best_epoch_section(record: RunRecord, best: dict) -> list[str]:
+  """Metrics@K (and MRR) of the best epoch, and the test metrics of its checkpoint."""
+  lines = [f'## Best epoch ({best.get("epoch")})', '']
+  lines += _at_k_tables(best, with_mrr=True)
+  test = (record.summary or {}).get('test')
+  if test:
+    lines += ['Test metrics of the best checkpoint:', '']
+    lines += _at_k_tables(test, with_mrr=False)
+  return lines
+
+
+def _at_k_tables(row: dict, with_mrr: bool) -> list[str]:
+  """One Recall@K / NDCG@K table per metric prefix of `row` (and its MRR if asked)."""
+  lines = []
+  for prefix, names in sorted(metrics_at_k(row).items()):
     ks = sorted(set(names.get('Recall', {})) | set(names.get('NDCG', {})))
     lines += [f'`{prefix}`:', '']
     lines += _table(['K', 'Recall@K', 'NDCG@K'],
                     [[k, names.get('Recall', {}).get(k), names.get('NDCG', {}).get(k)]
                      for k in ks])
-    if _finite(best.get(f'{prefix}/MRR')):
-      lines += [f'`{prefix}/MRR`: {best[f"{prefix}/MRR"]:.4f}', '']
-  if s.get('test'):
-    lines += ['Test metrics of the best checkpoint:', '']
-    for prefix, names in sorted(metrics_at_k(s['test']).items()):
-      ks = sorted(set(names.get('Recall', {})) | set(names.get('NDCG', {})))
-      lines += [f'`{prefix}`:', '']
-      lines += _table(['K', 'Recall@K', 'NDCG@K'],
-                      [[k, names.get('Recall', {}).get(k), names.get('NDCG', {}).get(k)]
-                       for k in ks])
-  lines += ['## Learning curves', '']
+    if with_mrr and _finite(row.get(f'{prefix}/MRR')):
+      lines += [f'`{prefix}/MRR`: {row[f"{prefix}/MRR"]:.4f}', '']
+  return lines
+
+
+def _curves_section(record: RunRecord, figures: dict[str, str]) -> list[str]:
+  """Links to the figures."""
+  lines = ['## Learning curves', '']
   if 'curves' in figures:
     lines += [f'![training loss and {record.monitor} per epoch]({figures["curves"]})', '']
   if 'at_k' in figures:
     lines += [f'![Recall@K and NDCG@K at the best epoch]({figures["at_k"]})', '']
+  return lines
+
+
+def _phases_section(record: RunRecord) -> list[str]:
+  """When the monitored metric reached 50 / 90 / 99 % of its best, and its last epochs."""
   p = phases(record)
-  lines += ['## Phases', '']
+  lines = ['## Phases', '']
   if p:
     lines += _table(['reached', 'epoch', record.monitor, 'gain in the phase',
                      'epochs in the phase'],
@@ -390,14 +444,17 @@ def build_report(record: RunRecord, figures: dict[str, str]) -> str:
                       r['gain'], r['epochs']] for r in p['reached']])
     lines += _table([f'last {p["last_n"]} epochs', 'mean', 'std'],
                     [[record.monitor, p['last_mean'], p['last_std']]])
+  return lines
+
+
+def _checks_section(record: RunRecord) -> list[str]:
+  """The consistency checks: each failure, or that all hold."""
   problems = consistency(record)
-  lines += ['## Consistency checks', '']
+  lines = ['## Consistency checks', '']
   if problems:
-    lines += [f'- **FAILED**: {m}' for m in problems] + ['']
-  else:
-    lines += ['All hold: Recall@K and NDCG@K never fall as K grows, NDCG@K <= Recall@K, '
-              'and summary.json matches the best epoch row.', '']
-  return '\n'.join(lines)
+    return lines + [f'- **FAILED**: {m}' for m in problems] + ['']
+  return lines + ['All hold: Recall@K and NDCG@K never fall as K grows, NDCG@K <= '
+                  'Recall@K, and summary.json matches the best epoch row.', '']
 
 
 def write_report(workdir: str, output: str | None = None,

@@ -32,7 +32,13 @@ _TABLE_CELLS = 1 << 26  # bytes of the per-chunk history table
 
 def sample(data: preprocess.GearData, users: np.ndarray, *, mode: str = 'random',
            num: int = 99, seed: int | np.random.SeedSequence = 0) -> np.ndarray:
-  """[len(users), num] int32 negatives for the given user rows."""
+  """[len(users), num] int32 negatives for the given user rows.
+
+  Phases: each row's history (its range of `touched_keys`) and the item weights of
+  `mode`; the first block width of each row (`_first_blocks`, which also rejects rows
+  with too small a pool); rounds of rejection sampling over chunks of rows of similar
+  width (`_draw_chunk`), after which the rows that fell short double their block, or
+  at `_MAX_BLOCK` take the exact `_gumbel_top_k`."""
   if mode not in MODES:
     raise DataError(f'unknown negatives mode {mode!r}; use one of {MODES}',
                     field='eval.negatives')
@@ -48,9 +54,45 @@ def sample(data: preprocess.GearData, users: np.ndarray, *, mode: str = 'random'
   else:
     population = data.train_items()
     weights = np.bincount(population, minlength=v1).astype(np.float64)
+  block = _first_blocks(data, users, keys, key_start, n_touched, weights, v1, mode, num)
+  rng = np.random.default_rng(seed)
+  out = np.zeros((len(users), num), np.int32)
+  # membership of candidates in a user's history: a boolean table of a few rows of the
+  # catalogue, set and reset per chunk (O(history) per row, no search)
+  table_rows = int(max(1, min(len(users), _TABLE_CELLS // v1)))
+  table = np.zeros((table_rows, v1), bool)
+  pending = np.arange(len(users))
+  while len(pending):
+    pending = pending[np.argsort(block[pending], kind='stable')]  # similar widths
+    failed = []
+    i = 0
+    while i < len(pending):
+      width = int(block[pending[i]])
+      j = min(len(pending), i + table_rows, i + max(1, _CELLS_PER_CHUNK // width))
+      rows = pending[i:j]
+      ok, chosen = _draw_chunk(rng, rows, int(block[rows].max()), table, keys,
+                               key_start, n_touched, population, num)
+      out[rows[ok]] = chosen
+      failed.append(rows[~ok])
+      i = j
+    pending = np.concatenate(failed)
+    if len(pending):
+      hopeless = pending[block[pending] >= _MAX_BLOCK]
+      for r in hopeless:
+        out[r] = _gumbel_top_k(rng, weights, keys, int(users[r]), v1, num)
+      pending = pending[block[pending] < _MAX_BLOCK]
+      block[pending] = np.minimum(block[pending] * 2, _MAX_BLOCK)
+  return out
+
+
+def _first_blocks(data: preprocess.GearData, users: np.ndarray, keys: np.ndarray,
+                  key_start: np.ndarray, n_touched: np.ndarray, weights: np.ndarray,
+                  v1: int, mode: str, num: int) -> np.ndarray:
+  """The first number of draws of each row ([len(users)] int64), from an exact count
+  of its drawable pool (untouched items with weight > 0); a row whose pool holds fewer
+  than `num` items is a `DataError`."""
   total = weights.sum()
   pool_items = np.count_nonzero(weights)
-  # an exact count of each row's drawable pool (untouched items with weight > 0)
   touched_items = keys[_ranges(key_start, n_touched)] % v1
   touched_w = np.zeros(len(users))
   np.add.at(touched_w, np.repeat(np.arange(len(users)), n_touched),
@@ -69,44 +111,27 @@ def sample(data: preprocess.GearData, users: np.ndarray, *, mode: str = 'random'
   valid_mass = np.maximum(1.0 - touched_w / total, 1e-12)
   # draws needed for `num` distinct valid items, with a margin; doubled on failure
   block = np.ceil(num / valid_mass * 1.25 + 16 + num * num / np.maximum(pool, 1))
-  block = np.minimum(block, _MAX_BLOCK).astype(np.int64)
-  rng = np.random.default_rng(seed)
-  out = np.zeros((len(users), num), np.int32)
-  # membership of candidates in a user's history: a boolean table of a few rows of the
-  # catalogue, set and reset per chunk (O(history) per row, no search)
-  table_rows = int(max(1, min(len(users), _TABLE_CELLS // v1)))
-  table = np.zeros((table_rows, v1), bool)
-  pending = np.arange(len(users))
-  while len(pending):
-    pending = pending[np.argsort(block[pending], kind='stable')]  # similar widths
-    failed = []
-    i = 0
-    while i < len(pending):
-      width = int(block[pending[i]])
-      j = min(len(pending), i + table_rows, i + max(1, _CELLS_PER_CHUNK // width))
-      rows = pending[i:j]
-      width = int(block[rows].max())
-      local = np.repeat(np.arange(len(rows)), n_touched[rows])
-      hist = keys[_ranges(key_start[rows], n_touched[rows])] % v1
-      table[local, hist] = True
-      if population is None:
-        cand = rng.integers(1, v1, size=(len(rows), width))
-      else:  # a uniform training interaction's item: P(item) = its training share
-        cand = population[rng.integers(0, len(population), size=(len(rows), width))]
-      touched = table[np.arange(len(rows))[:, None], cand]
-      table[local, hist] = False
-      ok, chosen = _first_valid(cand, touched, num)
-      out[rows[ok]] = chosen
-      failed.append(rows[~ok])
-      i = j
-    pending = np.concatenate(failed)
-    if len(pending):
-      hopeless = pending[block[pending] >= _MAX_BLOCK]
-      for r in hopeless:
-        out[r] = _gumbel_top_k(rng, weights, keys, int(users[r]), v1, num)
-      pending = pending[block[pending] < _MAX_BLOCK]
-      block[pending] = np.minimum(block[pending] * 2, _MAX_BLOCK)
-  return out
+  return np.minimum(block, _MAX_BLOCK).astype(np.int64)
+
+
+def _draw_chunk(rng: np.random.Generator, rows: np.ndarray, width: int,
+                table: np.ndarray, keys: np.ndarray, key_start: np.ndarray,
+                n_touched: np.ndarray, population: np.ndarray | None, num: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Draws `width` candidates for each of `rows`; returns `_first_valid`'s (ok mask,
+  first `num` valid draws of the ok rows). The rows' histories are marked in `table`
+  while the candidates are looked up, and unmarked again (it is all False after)."""
+  v1 = table.shape[1]
+  local = np.repeat(np.arange(len(rows)), n_touched[rows])
+  hist = keys[_ranges(key_start[rows], n_touched[rows])] % v1
+  table[local, hist] = True
+  if population is None:
+    cand = rng.integers(1, v1, size=(len(rows), width))
+  else:  # a uniform training interaction's item: P(item) = its training share
+    cand = population[rng.integers(0, len(population), size=(len(rows), width))]
+  touched = table[np.arange(len(rows))[:, None], cand]
+  table[local, hist] = False
+  return _first_valid(cand, touched, num)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

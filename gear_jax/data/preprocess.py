@@ -1,7 +1,7 @@
 """GEAR preprocessing (behavior selection, min_uc, time gaps, dense ids, leave-one-out)
 with an on-disk cache.
 
-The steps follow ``GEAR_SPEC.md`` ("Data protocol") in order:
+The steps follow the data protocol of ``docs/model.md``, in order:
 1. multi-behavior mode keeps every behavior; single-behavior mode only the target;
 2. users with fewer than ``min_uc`` interactions are dropped;
 3. ``gap`` = timestamp minus the user's previous timestamp (0 for the first);
@@ -192,7 +192,8 @@ def fingerprint(path: str) -> str:
 
 
 def preprocess(raw: readers.RawInteractions, settings: Settings) -> GearData:
-  """Applies the GEAR protocol to parsed columns."""
+  """Applies the data protocol (``docs/model.md``; steps 1-5 of this module's
+  docstring) to parsed columns."""
   settings.validate()
   path = raw.path
   target_code = raw.behaviors.index(settings.target) + 1
@@ -216,19 +217,49 @@ def preprocess(raw: readers.RawInteractions, settings: Settings) -> GearData:
     order = np.lexsort((ts, user_code))
     user_code, item, beh, ts = user_code[order], item[order], beh[order], ts[order]
   # 2. min_uc
+  user_uniq, counts, user_code, item, beh, ts = _drop_short_users(
+      user_uniq, user_code, item, beh, ts, settings.min_uc, path)
+  offsets = np.zeros(len(counts) + 1, np.int64)
+  np.cumsum(counts, out=offsets[1:])
+  # 3. time gaps inside each user
+  gaps = _time_gaps(ts, offsets, path)
+  # 4. dense items and behaviors
+  item_uniq, item_code = np.unique(item, return_inverse=True)
+  beh, target, names, behavior_counts = _dense_behaviors(beh, raw.behaviors,
+                                                         kept_behaviors, target_code)
+  # 5. split
+  train_len, val_user, val_pos, test_user, test_pos = _split(
+      beh, target, offsets, counts, settings.split)
+  return GearData(
+      behaviors=names, target=target, offsets=offsets,
+      items=(item_code.reshape(-1) + 1).astype(np.int32), behavior=beh,
+      gaps=gaps.astype(np.int32), train_len=train_len,
+      val_user=val_user.astype(np.int64), val_pos=val_pos.astype(np.int64),
+      test_user=test_user.astype(np.int64), test_pos=test_pos.astype(np.int64),
+      user_ids=user_uniq, item_ids=item_uniq, behavior_counts=behavior_counts,
+      split=settings.split)
+
+
+def _drop_short_users(user_uniq, user_code, item, beh, ts, min_uc: int, path: str):
+  """Step 2: drops users with fewer than `min_uc` interactions and renumbers the rest.
+
+  Returns (user_uniq, counts per user, user_code, item, beh, ts), the rows of
+  dropped users removed (the arrays as they are when no user is dropped)."""
   counts = np.bincount(user_code, minlength=len(user_uniq))
-  keep_user = counts >= settings.min_uc
+  keep_user = counts >= min_uc
   if not keep_user.any():
-    raise DataError(f'no user has at least min_uc={settings.min_uc} interactions',
+    raise DataError(f'no user has at least min_uc={min_uc} interactions',
                     path=path, field='data.min_uc')
   if not keep_user.all():
     rows = keep_user[user_code]
     new_code = np.cumsum(keep_user) - 1
     user_code, item, beh, ts = new_code[user_code[rows]], item[rows], beh[rows], ts[rows]
     user_uniq, counts = user_uniq[keep_user], counts[keep_user]
-  offsets = np.zeros(len(counts) + 1, np.int64)
-  np.cumsum(counts, out=offsets[1:])
-  # 3. time gaps inside each user
+  return user_uniq, counts, user_code, item, beh, ts
+
+
+def _time_gaps(ts: np.ndarray, offsets: np.ndarray, path: str) -> np.ndarray:
+  """Step 3: int64 seconds since the user's previous interaction (0 for the first)."""
   gaps = np.zeros(len(ts), np.int64)
   gaps[1:] = np.diff(ts)
   gaps[offsets[:-1]] = 0
@@ -236,21 +267,33 @@ def preprocess(raw: readers.RawInteractions, settings: Settings) -> GearData:
     raise DataError('a time gap exceeds 2**31 seconds (68 years)', path=path,
                     field='timestamp', hint='are timestamps in milliseconds? set '
                     'data.csv.timestamp_unit=ms')
-  # 4. dense items and behaviors
-  item_uniq, item_code = np.unique(item, return_inverse=True)
-  beh_map = np.zeros(len(raw.behaviors) + 1, np.int8)
+  return gaps
+
+
+def _dense_behaviors(beh: np.ndarray, behaviors: tuple[str, ...],
+                     kept_behaviors: list[int], target_code: int):
+  """Step 4 for behaviors: the kept ones get ids 1..n in configured order.
+
+  Returns (dense behavior per row, dense target id, kept names, name -> count)."""
+  beh_map = np.zeros(len(behaviors) + 1, np.int8)
   beh_map[kept_behaviors] = np.arange(1, len(kept_behaviors) + 1)
   beh = beh_map[beh]
   target = int(beh_map[target_code])
-  names = tuple(raw.behaviors[c - 1] for c in kept_behaviors)
+  names = tuple(behaviors[c - 1] for c in kept_behaviors)
   behavior_counts = {name: int(c) for name, c in
                      zip(names, np.bincount(beh, minlength=len(names) + 1)[1:])}
-  # 5. split
+  return beh, target, names, behavior_counts
+
+
+def _split(beh: np.ndarray, target: int, offsets: np.ndarray, counts: np.ndarray,
+           split: str):
+  """Step 5: (train_len, val_user, val_pos, test_user, test_pos) of the split ``val``
+  or ``val_test`` (see the module docstring)."""
   last = offsets[1:] - 1
   is_last_target = beh[last] == target
   train_len = counts.astype(np.int32)
   empty = np.zeros(0, np.int64)
-  if settings.split == 'val':
+  if split == 'val':
     val_user = np.flatnonzero(is_last_target)
     val_pos = last[val_user]
     train_len[val_user] -= 1
@@ -267,14 +310,7 @@ def preprocess(raw: readers.RawInteractions, settings: Settings) -> GearData:
     val_user = test_user[has_val]
     val_pos = prev[has_val]
     train_len[val_user] = (val_pos - offsets[val_user]).astype(np.int32)
-  return GearData(
-      behaviors=names, target=target, offsets=offsets,
-      items=(item_code.reshape(-1) + 1).astype(np.int32), behavior=beh,
-      gaps=gaps.astype(np.int32), train_len=train_len,
-      val_user=val_user.astype(np.int64), val_pos=val_pos.astype(np.int64),
-      test_user=test_user.astype(np.int64), test_pos=test_pos.astype(np.int64),
-      user_ids=user_uniq, item_ids=item_uniq, behavior_counts=behavior_counts,
-      split=settings.split)
+  return train_len, val_user, val_pos, test_user, test_pos
 
 
 def _is_sorted_pairs(user: np.ndarray, ts: np.ndarray) -> bool:

@@ -221,32 +221,46 @@ class _BlockParser:
     return f"'{text}'" + ('...' if e - s > limit else '')
 
   def parse(self, buf: np.ndarray, first_line: int):
-    """Returns (columns or None, number of lines in `buf`)."""
-    nl = np.flatnonzero(buf == 10)
-    n_lines = len(nl)
-    starts = np.empty(n_lines, np.int64)
-    starts[0] = 0
-    starts[1:] = nl[:-1] + 1
-    ends = nl.astype(np.int64)
-    cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13)
-    ends -= cr
-    line_nos = first_line + np.arange(n_lines)
+    """Returns (columns or None, number of lines in `buf`).
+
+    Phases: line bounds, the header (once per file), field bounds and their count,
+    then ids, timestamps and behaviors (the first bad value raises a `DataError`)."""
+    starts, ends, line_nos = _line_bounds(buf, first_line)
+    n_lines = len(line_nos)
     keep = ends > starts  # blank lines are skipped
     if self.header_pending and keep.any():
       h = int(np.argmax(keep))
-      header = self._line_text(buf, starts[h], ends[h]).split(self.fmt.delimiter)
-      header = [c.strip() for c in header]
-      if self.num_fields is None:
-        self.num_fields = len(header)
-      elif len(header) != self.num_fields:
-        raise self._error(f'header has {len(header)} fields, expected '
-                          f'{self.num_fields}', line_nos[h])
-      self._resolve_columns(header, line_nos[h])
-      self.header_pending = False
+      self._read_header(buf, starts[h], ends[h], line_nos[h])
       keep[h] = False
     if not keep.any():
       return None, n_lines
     starts, ends, line_nos = starts[keep], ends[keep], line_nos[keep]
+    delims, first_d = self._split_fields(buf, starts, ends, line_nos)
+    out = {}
+    for role in ('user', 'item'):
+      fs, fe = self._field(role, starts, ends, delims, first_d)
+      out[role] = self._ids(buf, fs, fe, line_nos, role)
+    fs, fe = self._field('timestamp', starts, ends, delims, first_d)
+    out['timestamp'] = self._timestamps(buf, fs, fe, line_nos)
+    fs, fe = self._field('behavior', starts, ends, delims, first_d)
+    out['behavior'] = self._behaviors(buf, fs, fe, line_nos)
+    return out, n_lines
+
+  def _read_header(self, buf, s, e, line) -> None:
+    """Reads the header line buf[s:e]: the field count and the columns by name."""
+    header = self._line_text(buf, s, e).split(self.fmt.delimiter)
+    header = [c.strip() for c in header]
+    if self.num_fields is None:
+      self.num_fields = len(header)
+    elif len(header) != self.num_fields:
+      raise self._error(f'header has {len(header)} fields, expected '
+                        f'{self.num_fields}', line)
+    self._resolve_columns(header, line)
+    self.header_pending = False
+
+  def _split_fields(self, buf, starts, ends, line_nos):
+    """(positions of every delimiter in `buf`, index of each line's first one); checks
+    that every line has `num_fields` fields (the first data line sets it if unset)."""
     delims = np.flatnonzero(buf == self.delim)
     first_d = np.searchsorted(delims, starts)
     counts = np.searchsorted(delims, ends) - first_d
@@ -263,23 +277,25 @@ class _BlockParser:
           f'{counts[i] + 1}: {self._shown(buf, starts[i], ends[i])}',
           line_nos[i], hint='check data.format (tsv: user item behavior timestamp; '
           'taobao: user,item,category,behavior,timestamp; csv: see data.csv)')
-    nf = self.num_fields
+    return delims, first_d
 
-    def field(role):
-      k = self.positions[role]
-      fs = starts if k == 0 else delims[first_d + k - 1] + 1
-      fe = ends if k == nf - 1 else delims[first_d + k]
-      return fs, fe
+  def _field(self, role, starts, ends, delims, first_d):
+    """(starts, ends) of the field of `role` in every line."""
+    k = self.positions[role]
+    fs = starts if k == 0 else delims[first_d + k - 1] + 1
+    fe = ends if k == self.num_fields - 1 else delims[first_d + k]
+    return fs, fe
 
-    out = {}
-    for role in ('user', 'item'):
-      fs, fe = field(role)
-      empty = np.flatnonzero(fe <= fs)
-      if len(empty):
-        raise self._error('empty id', line_nos[empty[0]], field=role)
-      values, ok = _parse_uint(buf, fs, fe)
-      out[role] = values if ok.all() else _as_bytes(buf, fs, fe)
-    fs, fe = field('timestamp')
+  def _ids(self, buf, fs, fe, line_nos, role) -> np.ndarray:
+    """User or item ids: int64 when all are plain decimal numbers, else byte strings."""
+    empty = np.flatnonzero(fe <= fs)
+    if len(empty):
+      raise self._error('empty id', line_nos[empty[0]], field=role)
+    values, ok = _parse_uint(buf, fs, fe)
+    return values if ok.all() else _as_bytes(buf, fs, fe)
+
+  def _timestamps(self, buf, fs, fe, line_nos) -> np.ndarray:
+    """Timestamps in seconds (int64, raw values divided by `timestamp_divisor`)."""
     ts, ok = _parse_uint(buf, fs, fe, allow_leading_zero=True)
     if not ok.all():
       i = np.flatnonzero(~ok)[0]
@@ -289,8 +305,10 @@ class _BlockParser:
           hint='timestamps must be integers (seconds, or milliseconds with '
           'data.csv.timestamp_unit=ms); if the file has a header use '
           'data.format=csv with data.csv.header=True')
-    out['timestamp'] = ts // self.fmt.timestamp_divisor
-    fs, fe = field('behavior')
+    return ts // self.fmt.timestamp_divisor
+
+  def _behaviors(self, buf, fs, fe, line_nos) -> np.ndarray:
+    """1-based codes into the configured behaviors (after `behavior_map`), int8."""
     raw = _as_bytes(buf, fs, fe)
     uniq, inverse = np.unique(raw, return_inverse=True)
     codes = np.zeros(len(uniq), np.int8)
@@ -305,8 +323,23 @@ class _BlockParser:
             f'{list(self.behaviors)}', line_nos[i], field='behavior',
             hint='add it to data.behaviors (or map it with data.csv.behavior_map)')
       codes[j] = code
-    out['behavior'] = codes[inverse.reshape(-1)]
-    return out, n_lines
+    return codes[inverse.reshape(-1)]
+
+
+def _line_bounds(buf: np.ndarray, first_line: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(starts, ends, 1-based line numbers) of the lines of `buf`, which ends in a
+  newline; an end excludes the newline and a carriage return before it."""
+  nl = np.flatnonzero(buf == 10)
+  n_lines = len(nl)
+  starts = np.empty(n_lines, np.int64)
+  starts[0] = 0
+  starts[1:] = nl[:-1] + 1
+  ends = nl.astype(np.int64)
+  cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13)
+  ends -= cr
+  line_nos = first_line + np.arange(n_lines)
+  return starts, ends, line_nos
 
 
 def _parse_uint(buf: np.ndarray, fs: np.ndarray, fe: np.ndarray,

@@ -67,7 +67,8 @@ PRESETS = {
     # configs/demo.py: goal sessions, which plant what only a multi-behavior, time-aware
     # model reads (`_simulate_goals`); GEAR (d=32, L=50) trains in minutes on 2 cores
     'demo': dict(num_users=4000, num_items=1500, goal_sessions=True),
-    # the view -> fav/cart -> buy funnel at the demo's size (the demo until issue 15)
+    # the view -> fav/cart -> buy funnel at the demo's size (the demo before goal
+    # sessions replaced it)
     'funnel': dict(num_users=4000, num_items=1500),
     # throughput benchmark: about 2.3 M interactions, retail-like item/user ratio
     'bench': dict(num_users=70000, num_items=50000),
@@ -281,9 +282,26 @@ class _Events:
     return cols
 
 
+def _view_gap(rng: np.random.Generator, new_session: np.ndarray, k: dict
+              ) -> np.ndarray:
+  """Seconds from each active user's last event to its next view: hours to days at a
+  session start, seconds to minutes inside a session (both drawn for every user)."""
+  a = len(new_session)
+  return np.where(new_session,
+                  _lognormal_gap(rng, k['gap_session_hours'] * 3600, 1.3, a, 60 * _DAY),
+                  _lognormal_gap(rng, k['gap_view'], 1.0, a, 3600))
+
+
+def _action_gap(rng: np.random.Generator, mask: np.ndarray, k: dict,
+                scale: float = 1.0) -> np.ndarray:
+  """Seconds from a view to its fav / cart / buy where `mask` holds, else 0."""
+  return mask * _lognormal_gap(rng, k['gap_action'] * scale, 0.8, len(mask), 3600)
+
+
 def _simulate(world: _World, num_users: int, k: dict,
               rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Steps all active users one page view at a time."""
+  """The view -> fav/cart -> buy funnel: steps all active users one page view at a
+  time (`_next_view`, then `_funnel` on the viewed item, then the session may end)."""
   liked, liked_cdf, budget, t = _population(world, num_users, k, rng)
   buy_cdf = np.cumsum(np.asarray(k['buy_mix'], np.float64) / np.sum(k['buy_mix']))
   back = 4  # items remembered per session (for going back / buying an earlier view)
@@ -294,59 +312,22 @@ def _simulate(world: _World, num_users: int, k: dict,
   done = np.zeros(num_users, np.int64)
   new_session = np.ones(num_users, bool)
   events = _Events()
-
-  def emit(mask, items, code, times):
-    events.emit(uid, mask, items, code, times)
-
-  gap_session_cap = 60 * _DAY
   step = 0
   while len(uid):
     a = len(uid)
     u = rng.random((a, 12))
-    # --- the next page view
-    home = _home(world, liked[uid], liked_cdf[uid], u[:, 0], u[:, 1], k, rng)
-    cur_cat = world.item_cat[cur]
-    jump_cat = np.where(u[:, 2] < k['p_jump_same_cat'], cur_cat, home)
-    jump_cat = np.where(cur == 0, home, jump_cat)
-    entry = world.sample_in_cats(rng, np.where(new_session, home, jump_cat),
-                                 world.pop_cdf)
-    follow = world.successor(cur, u[:, 3])
-    n_recent = (recent > 0).sum(axis=1)  # valid slots form a prefix (newest first)
-    back_j = np.minimum((u[:, 4] * n_recent).astype(np.int64), back - 1)
-    back_item = recent[np.arange(a), back_j]  # 0 when the session has no earlier view
-    r = u[:, 5]
-    in_session = np.where(r < k['p_follow'], follow,
-                          np.where((r < k['p_follow'] + k['p_back']) & (back_item > 0),
-                                   back_item, entry))
-    at_start = np.where((u[:, 6] < k['p_continue']) & (cur > 0), follow, entry)
-    item = np.where(new_session, at_start, in_session)
-    # --- time of the view
-    gap = np.where(new_session,
-                   _lognormal_gap(rng, k['gap_session_hours'] * 3600, 1.3, a,
-                                  gap_session_cap),
-                   _lognormal_gap(rng, k['gap_view'], 1.0, a, 3600))
+    # --- the next page view and its time
+    item, back_item = _next_view(world, liked[uid], liked_cdf[uid], cur, recent,
+                                 new_session, u, k, rng)
+    gap = _view_gap(rng, new_session, k)
     if step:  # every user's first view is at its start time
       t = t + gap
     step += 1
     recent = np.where(new_session[:, None], 0, recent)
-    emit(np.ones(a, bool), item, PV, t)
+    events.emit(uid, np.ones(a, bool), item, PV, t)
     # --- funnel on the viewed item
-    fav = u[:, 7] < k['p_fav']
-    t = t + fav * _lognormal_gap(rng, k['gap_action'], 0.8, a, 3600)
-    emit(fav, item, FAV, t)
-    carted = u[:, 8] < k['p_cart']
-    t = t + carted * _lognormal_gap(rng, k['gap_action'], 0.8, a, 3600)
-    emit(carted, item, CART, t)
-    cart = np.where(carted, item, cart)
-    buy = u[:, 9] < k['p_buy']
-    kind = np.searchsorted(buy_cdf, u[:, 10], side='right')
-    # carted item, else an earlier view of the session, else the viewed item itself
-    earlier = np.where(back_item > 0, back_item, item)
-    target = np.where(kind == 0, np.where(cart > 0, cart, earlier),
-                      np.where(kind == 1, earlier, world.successor(item, u[:, 11])))
-    t = t + buy * _lognormal_gap(rng, k['gap_action'] * 2.5, 1.0, a, 3600)
-    emit(buy, target, BUY, t)
-    cart = np.where(buy & (target == cart), 0, cart)
+    t, cart, buy = _funnel(world, events, uid, item, back_item, cart, t, u, buy_cdf, k,
+                           rng)
     # --- advance the session
     recent[:, 1:] = recent[:, :-1]
     recent[:, 0] = item
@@ -362,32 +343,75 @@ def _simulate(world: _World, num_users: int, k: dict,
   return events.columns()
 
 
+def _next_view(world: _World, liked: np.ndarray, liked_cdf: np.ndarray,
+               cur: np.ndarray, recent: np.ndarray, new_session: np.ndarray,
+               u: np.ndarray, k: dict, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """The item each active user views next, and an earlier view of the session it can
+  go back to (0 when the session has none).
+
+  A session starts at a successor of the last item (`p_continue`) or a popular item of
+  the home category; inside a session the next view follows a successor of the
+  current item (`p_follow`), goes back to an earlier view (`p_back`), or jumps to a
+  popular item of the current category (`p_jump_same_cat`) or of the home one."""
+  a = len(cur)
+  home = _home(world, liked, liked_cdf, u[:, 0], u[:, 1], k, rng)
+  cur_cat = world.item_cat[cur]
+  jump_cat = np.where(u[:, 2] < k['p_jump_same_cat'], cur_cat, home)
+  jump_cat = np.where(cur == 0, home, jump_cat)
+  entry = world.sample_in_cats(rng, np.where(new_session, home, jump_cat),
+                               world.pop_cdf)
+  follow = world.successor(cur, u[:, 3])
+  n_recent = (recent > 0).sum(axis=1)  # valid slots form a prefix (newest first)
+  back_j = np.minimum((u[:, 4] * n_recent).astype(np.int64), recent.shape[1] - 1)
+  back_item = recent[np.arange(a), back_j]  # 0 when the session has no earlier view
+  r = u[:, 5]
+  in_session = np.where(r < k['p_follow'], follow,
+                        np.where((r < k['p_follow'] + k['p_back']) & (back_item > 0),
+                                 back_item, entry))
+  at_start = np.where((u[:, 6] < k['p_continue']) & (cur > 0), follow, entry)
+  return np.where(new_session, at_start, in_session), back_item
+
+
+def _funnel(world: _World, events: _Events, uid: np.ndarray, item: np.ndarray,
+            back_item: np.ndarray, cart: np.ndarray, t: np.ndarray, u: np.ndarray,
+            buy_cdf: np.ndarray, k: dict, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Emits the fav, cart and buy that follow the view of `item`.
+
+  A view may add ``fav`` and ``cart`` on the item; a ``buy`` (`p_buy`) lands, by
+  `buy_mix`, on the pending carted item, an earlier view of the session or a
+  successor of the item. Returns (time of the last event, pending cart, buy mask)."""
+  fav = u[:, 7] < k['p_fav']
+  t = t + _action_gap(rng, fav, k)
+  events.emit(uid, fav, item, FAV, t)
+  carted = u[:, 8] < k['p_cart']
+  t = t + _action_gap(rng, carted, k)
+  events.emit(uid, carted, item, CART, t)
+  cart = np.where(carted, item, cart)
+  buy = u[:, 9] < k['p_buy']
+  kind = np.searchsorted(buy_cdf, u[:, 10], side='right')
+  # carted item, else an earlier view of the session, else the viewed item itself
+  earlier = np.where(back_item > 0, back_item, item)
+  target = np.where(kind == 0, np.where(cart > 0, cart, earlier),
+                    np.where(kind == 1, earlier, world.successor(item, u[:, 11])))
+  t = t + buy * _lognormal_gap(rng, k['gap_action'] * 2.5, 1.0, len(uid), 3600)
+  events.emit(uid, buy, target, BUY, t)
+  cart = np.where(buy & (target == cart), 0, cart)
+  return t, cart, buy
+
+
 def _simulate_goals(world: _World, num_users: int, k: dict,
                     rng: np.random.Generator) -> dict[str, np.ndarray]:
   """Sessions with a goal: signals that only a multi-behavior, time-aware model reads.
 
-  Each session pursues a goal item G drawn from one of the user's categories:
-  - views of G's neighbours (its successors in the item graph) hint at G (`p_hint`);
-    the others follow the current item's successors or jump inside G's category;
-  - once a session the user may view G and cart it (`p_cart_goal`); carts of other
-    items happen too but are never bought (`p_cart_other`), and any item may be viewed
-    twice in a row (`p_again`) or favourited, so a repeated item is not a cart;
-  - a buy lands on the goal carted earlier in this session (`p_buy_cart` per later
-    view: minutes after the cart); without such a cart, buys are rare
-    (`p_buy_direct`) and go to the goal itself or, less often, to an item carted in an
-    earlier session (days before, `p_buy_old_cart`).
-  A first-order transition model sees only the last item (often a neighbour of G); an
-  item-sequence model (SASRec) can combine the neighbours seen and repetitions; GEAR
-  also sees which item was carted and how long ago."""
-  # neighbours: uniform draws from the goal's category, so that one viewed neighbour
-  # points at about `num_neighbours` possible goals and several narrow them down
-  n_nb = int(k['num_neighbours'])
-  num_items = len(world.items)
-  cats = np.repeat(world.item_cat[1:], n_nb)
-  span = (world.start[cats + 1] - world.start[cats])
-  neighbours = np.zeros((num_items + 1, n_nb), np.int64)
-  neighbours[1:] = world.items[world.start[cats] + (rng.random(len(cats)) * span)
-                               .astype(np.int64)].reshape(num_items, n_nb)
+  Each session pursues a goal item G drawn from one of the user's categories: its views
+  hint at G (`_goal_view`), it may cart G and repeat, favourite or cart other items
+  (`_goal_events`), and buys G minutes after its cart, or rarely without one
+  (`_goal_buy`). A first-order transition model sees only the last item (often a
+  neighbour of G); an item-sequence model (SASRec) can combine the neighbours seen and
+  repetitions; GEAR also sees which item was carted and how long ago."""
+  neighbours = _goal_neighbours(world, int(k['num_neighbours']), rng)
   liked, liked_cdf, budget, t = _population(world, num_users, k, rng)
   uid = np.arange(num_users)
   cur = np.zeros(num_users, np.int64)
@@ -398,61 +422,30 @@ def _simulate_goals(world: _World, num_users: int, k: dict,
   done = np.zeros(num_users, np.int64)
   new_session = np.ones(num_users, bool)
   events = _Events()
-
-  def emit(mask, items, code, times):
-    events.emit(uid, mask, items, code, times)
-
-  def action_gap(mask, a, scale=1.0):
-    return mask * _lognormal_gap(rng, k['gap_action'] * scale, 0.8, a, 3600)
-
   step = 0
   while len(uid):
     a = len(uid)
     u = rng.random((a, 13))
+    # --- the session's goal
     home = _home(world, liked[uid], liked_cdf[uid], u[:, 0], u[:, 1], k, rng)
     goal = np.where(new_session, world.sample_in_cats(rng, home, world.pop_cdf), goal)
     fresh &= ~new_session
-    # --- the view
-    hint = neighbours[goal, np.minimum((u[:, 2] * n_nb).astype(np.int64), n_nb - 1)]
-    follow = world.successor(np.where(cur > 0, cur, goal), u[:, 3])
-    jump = world.sample_in_cats(rng, world.item_cat[goal], world.pop_cdf)
-    r = u[:, 4]
-    item = np.where(r < k['p_hint'], hint, np.where(r < k['p_hint'] + k['p_follow'] *
-                                                    (1 - k['p_hint']), follow, jump))
-    wander = world.sample_in_cats(rng, world.sample_cats(rng, a), world.pop_cdf)
-    item = np.where(fresh & (u[:, 12] < k['p_wander']), wander, item)
-    item = np.where(new_session, hint, item)
-    cart_goal = ~new_session & ~fresh & (u[:, 5] < k['p_cart_goal'])
-    item = np.where(cart_goal, goal, item)
-    gap = np.where(new_session,
-                   _lognormal_gap(rng, k['gap_session_hours'] * 3600, 1.3, a, 60 * _DAY),
-                   _lognormal_gap(rng, k['gap_view'], 1.0, a, 3600))
+    # --- the view and what follows it on the same item
+    item, cart_goal = _goal_view(world, neighbours, goal, cur, fresh, new_session, u, k,
+                                 rng)
+    gap = _view_gap(rng, new_session, k)
     if step:
       t = t + gap
     step += 1
-    emit(np.ones(a, bool), item, PV, t)
-    again = u[:, 6] < k['p_again']
-    t = t + again * _lognormal_gap(rng, k['gap_view'] / 2, 1.0, a, 3600)
-    emit(again, item, PV, t)
-    fav = u[:, 7] < k['p_fav']
-    t = t + action_gap(fav, a)
-    emit(fav, item, FAV, t)
-    carted = cart_goal | (u[:, 8] < k['p_cart_other'])
-    t = t + action_gap(carted, a)
-    emit(carted, item, CART, t)
+    t = _goal_events(events, uid, item, cart_goal, t, u, k, rng)
     cart = np.where(cart_goal, goal, cart)
     since = np.where(cart_goal, 0, since + 1)
     fresh |= cart_goal
     # --- the buy
-    buy_cart = fresh & (since >= 1) & (u[:, 9] < k['p_buy_cart'])
-    buy_direct = ~fresh & (u[:, 9] < k['p_buy_direct'])
-    old = (cart > 0) & (u[:, 10] < k['p_buy_old_cart'])
-    target = np.where(buy_cart, cart, np.where(old, cart, goal))
-    buy = buy_cart | buy_direct
-    t = t + action_gap(buy, a, 2.5)
-    emit(buy, target, BUY, t)
+    t, buy, target = _goal_buy(events, uid, goal, cart, fresh, since, t, u, k, rng)
     cart = np.where(buy & (target == cart), 0, cart)
     fresh &= ~buy
+    # --- advance the session
     cur = item
     done += 1
     end_u = u[:, 11]
@@ -463,6 +456,84 @@ def _simulate_goals(world: _World, num_users: int, k: dict,
           x[keep] for x in (uid, t, cur, goal, cart, fresh, since, done, new_session))
 
   return events.columns()
+
+
+def _goal_neighbours(world: _World, n_nb: int, rng: np.random.Generator) -> np.ndarray:
+  """[I + 1, n_nb] neighbours of each item (row 0 unused): uniform draws from the
+  item's category, so that one viewed neighbour points at about `num_neighbours`
+  possible goals and several narrow them down."""
+  num_items = len(world.items)
+  cats = np.repeat(world.item_cat[1:], n_nb)
+  span = (world.start[cats + 1] - world.start[cats])
+  neighbours = np.zeros((num_items + 1, n_nb), np.int64)
+  neighbours[1:] = world.items[world.start[cats] + (rng.random(len(cats)) * span)
+                               .astype(np.int64)].reshape(num_items, n_nb)
+  return neighbours
+
+
+def _goal_view(world: _World, neighbours: np.ndarray, goal: np.ndarray,
+               cur: np.ndarray, fresh: np.ndarray, new_session: np.ndarray,
+               u: np.ndarray, k: dict, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """The item each active user views, and whether it is the goal viewed to be carted.
+
+  Views of G's neighbours hint at G (`p_hint`; a session starts on one); the others
+  follow the current item's successors (`p_follow`) or jump inside G's category. After
+  the goal's cart a view may be in a random category (`p_wander`); once a session
+  the user may view G and cart it (`p_cart_goal`)."""
+  n_nb = neighbours.shape[1]
+  hint = neighbours[goal, np.minimum((u[:, 2] * n_nb).astype(np.int64), n_nb - 1)]
+  follow = world.successor(np.where(cur > 0, cur, goal), u[:, 3])
+  jump = world.sample_in_cats(rng, world.item_cat[goal], world.pop_cdf)
+  r = u[:, 4]
+  item = np.where(r < k['p_hint'], hint, np.where(r < k['p_hint'] + k['p_follow'] *
+                                                  (1 - k['p_hint']), follow, jump))
+  wander = world.sample_in_cats(rng, world.sample_cats(rng, len(goal)), world.pop_cdf)
+  item = np.where(fresh & (u[:, 12] < k['p_wander']), wander, item)
+  item = np.where(new_session, hint, item)
+  cart_goal = ~new_session & ~fresh & (u[:, 5] < k['p_cart_goal'])
+  return np.where(cart_goal, goal, item), cart_goal
+
+
+def _goal_events(events: _Events, uid: np.ndarray, item: np.ndarray,
+                 cart_goal: np.ndarray, t: np.ndarray, u: np.ndarray, k: dict,
+                 rng: np.random.Generator) -> np.ndarray:
+  """Emits the view of `item` and, on the same item, maybe a repeated view (`p_again`)
+  and a favourite (`p_fav`), so a repeated item is not a cart, and a cart: the goal's
+  (`cart_goal`) or one of an item that is never bought (`p_cart_other`). Returns the
+  time of the last event."""
+  a = len(uid)
+  events.emit(uid, np.ones(a, bool), item, PV, t)
+  again = u[:, 6] < k['p_again']
+  t = t + again * _lognormal_gap(rng, k['gap_view'] / 2, 1.0, a, 3600)
+  events.emit(uid, again, item, PV, t)
+  fav = u[:, 7] < k['p_fav']
+  t = t + _action_gap(rng, fav, k)
+  events.emit(uid, fav, item, FAV, t)
+  carted = cart_goal | (u[:, 8] < k['p_cart_other'])
+  t = t + _action_gap(rng, carted, k)
+  events.emit(uid, carted, item, CART, t)
+  return t
+
+
+def _goal_buy(events: _Events, uid: np.ndarray, goal: np.ndarray, cart: np.ndarray,
+              fresh: np.ndarray, since: np.ndarray, t: np.ndarray, u: np.ndarray,
+              k: dict, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Emits the buys; returns (time of the last event, buy mask, bought item).
+
+  A buy lands on the goal carted earlier in this session (`p_buy_cart` per later
+  view: minutes after the cart); without such a cart, buys are rare (`p_buy_direct`)
+  and go to the goal itself or, less often, to an item carted in an earlier session
+  (days before, `p_buy_old_cart`)."""
+  buy_cart = fresh & (since >= 1) & (u[:, 9] < k['p_buy_cart'])
+  buy_direct = ~fresh & (u[:, 9] < k['p_buy_direct'])
+  old = (cart > 0) & (u[:, 10] < k['p_buy_old_cart'])
+  target = np.where(buy_cart, cart, np.where(old, cart, goal))
+  buy = buy_cart | buy_direct
+  t = t + _action_gap(rng, buy, k, 2.5)
+  events.emit(uid, buy, target, BUY, t)
+  return t, buy, target
 
 
 def _cap_distinct(cols: dict[str, np.ndarray], min_untouched: int
