@@ -405,9 +405,9 @@ def _summarize(run: _Run) -> dict:
 
 def _write_report(workdir: str) -> None:
   """report.md and its figures; a failure here is a warning, never a failed run."""
-  from gear_jax import report
+  from gear_jax import reporting
   try:
-    report.write_report(workdir)
+    reporting.write_report(workdir)
   except Exception as e:  # noqa: BLE001 - the run itself has finished and is saved
     _log(f'warning: the report could not be written ({type(e).__name__}: {e}); '
          f'python -m gear_jax.report --workdir {workdir} tries again', err=True)
