@@ -160,8 +160,7 @@ def get_default_config(model: str = 'gear') -> ml_collections.ConfigDict:
       node = node.setdefault(part, {})
     node[leaf] = key.default
   config = ml_collections.ConfigDict(root)
-  if model != 'gear':
-    use_model(config, model)
+  use_model(config, model)
   return config
 
 

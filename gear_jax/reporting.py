@@ -19,7 +19,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import time
 from typing import Any
 

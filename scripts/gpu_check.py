@@ -190,8 +190,9 @@ def main() -> int:
     step = run_step(f'determinism {flag}', bench + [flag, *extra], env, clock, log)
     result = _last_json(step)
     det[flag.strip('-')] = dict(status=step['status'], **({} if result is None else {
-        k: result.get(k) for k in ('step_s', 'compile_s', 'kernels', 'loss_memory_mb',
-                                   'eval_users_per_s', 'eval_full_users_per_s',
+        k: result.get(k) for k in ('step_s', 'compile_s', 'final_loss', 'kernels',
+                                   'loss_memory_mb', 'eval_users_per_s',
+                                   'eval_full_users_per_s',
                                    'peak_device_mb', 'xla_gpu_deterministic_ops')
         if k in result}), **({'tail': step['tail']} if 'tail' in step else {}))
   on, off = det['deterministic_ops'], det['no-deterministic_ops']

@@ -42,13 +42,14 @@ def write(tmp_path):
   return _write
 
 
-def load_config(name: str = 'test'):
-  """The ConfigDict of configs/<name>.py."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+CONFIGS = REPO / 'configs'
+TEST_CONFIG = str(CONFIGS / 'test.py')
+
+
+def config_file(name: str = 'test') -> str:
+  """The path of configs/<name>.py; 'demo:sasrec' gives that file's variant."""
+  file, _, variant = name.partition(':')
+  return str(CONFIGS / f'{file}.py') + (f':{variant}' if variant else '')
 
 
 def run_module(module: str, *args: str, env: dict | None = None, cwd=REPO,

@@ -21,7 +21,7 @@ import numpy as np
 from jax import export
 
 from gear_jax import backend, defaults, parallel, steps, trainer
-from gear_jax import model as model_lib
+from gear_jax.models import registry
 
 V, L, B = 997, 12, 16  # prime-ish catalog: the padded, sharded table path is exercised
 
@@ -49,7 +49,7 @@ def main() -> None:
       config.train.loss_memory_mb = 1  # small chunks: the chunked paths are taken
       config.model.kernels = backend.resolve_kernels('auto', 'gpu')
       assert config.model.kernels == 'xla'
-      model = model_lib.build(V, 4, config.model, precision,
+      model = registry.build(V, 4, config.model, precision,
                               parallel.table_rows(V, mesh, shard_items))
       tx = steps.make_optimizer(1e-3, 1e-6)
       state = steps.create_state(model, tx, mesh, seed=0, max_len=L,
@@ -77,7 +77,7 @@ def main() -> None:
                                               chunk=256))
         out[f'recommend {name} {precision}'] = _lower(recommend, state.params, rec_batch)
         config.model.kernels, config.train.loss = 'cpu', 'token'
-        tuned = model_lib.build(V, 4, config.model, precision)
+        tuned = registry.build(V, 4, config.model, precision)
         assert tuned.kernels == 'cpu'
         out[f'train {name} {precision} token cpu-kernels'] = _lower(
             trainer.jit_train_step(config, tuned, tx, mesh, state, batch), state, batch)

@@ -12,8 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from gear_jax import model as model_lib
 from gear_jax import parallel, steps
+from gear_jax.models import gear
 
 MESHES = {'1': (1, 1, False), '8x1': (8, 1, False), '4x2': (4, 2, True),
           '2x4': (2, 4, True)}
@@ -37,7 +37,7 @@ def train_steps(num_items: int) -> dict:
   for name in ('1', '4x2', '2x4'):
     data, model_axis, shard_items = MESHES[name]
     mesh = parallel.make_mesh(data, model_axis)
-    model = model_lib.GEAR(num_items=num_items, num_behaviors=4, d_model=16, n_head=2,
+    model = gear.GEAR(num_items=num_items, num_behaviors=4, d_model=16, n_head=2,
                            n_layer=2, dropout=0.1, precision=jax.lax.Precision.HIGHEST,
                            table_rows=parallel.table_rows(num_items, mesh, shard_items))
     state = steps.create_state(model, tx, mesh, seed=3, max_len=9, shard_items=shard_items)
@@ -73,7 +73,7 @@ def collectives(num_items: int = 4002) -> dict:
   """The all-gathers in the compiled step with the item table on 'model' (2 x 4)."""
   import re
   mesh = parallel.make_mesh(2, 4)
-  model = model_lib.GEAR(num_items=num_items, num_behaviors=4, d_model=16, n_head=2,
+  model = gear.GEAR(num_items=num_items, num_behaviors=4, d_model=16, n_head=2,
                          n_layer=1, dropout=0.1,
                          table_rows=parallel.table_rows(num_items, mesh, True))
   tx = steps.make_optimizer(1e-3, 1e-6)
@@ -92,20 +92,16 @@ def collectives(num_items: int = 4002) -> dict:
 
 def checkpoint(workdir: str, data_path: str, cache: str) -> dict:
   """Trains on an 8x1 mesh, then evaluates the best checkpoint on other meshes."""
-  import importlib.util
-  from gear_jax import evaluate, trainer
-  spec = importlib.util.spec_from_file_location('cfg', 'configs/test.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.path, config.data.cache_dir = data_path, cache
+  from gear_jax import defaults, evaluator, trainer
+  config = defaults.load_config('configs/test.py', {'data.path': data_path,
+                                                    'data.cache_dir': cache})
   config.train.num_epochs = 2
   config.mesh.data, config.mesh.model = 8, 1
   summary = trainer.train_and_evaluate(config, workdir)
   out = {'summary': summary['best_val']}
   for name, (data, model_axis, shard_items) in MESHES.items():
     config.mesh.data, config.mesh.model, config.mesh.shard_items = data, model_axis, shard_items
-    out[name] = evaluate.run(config, workdir, checkpoint='best')['metrics']
+    out[name] = evaluator.evaluate_run(config, workdir, checkpoint='best')['metrics']
   return out
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from gear_jax import backend, defaults, losses, trainer
-from gear_jax import model as model_lib
+from gear_jax.models import registry
 from gear_jax.errors import ConfigError, ResumeRefused
 
 
@@ -39,11 +39,11 @@ def test_auto_kernels_follow_the_platform(monkeypatch):
   assert config.kernels == 'auto'
   # what the trainer, evaluate and recommend build, with JAX's platform faked
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert model_lib.build(10, 4, config).kernels == 'xla'
+  assert registry.build(10, 4, config).kernels == 'xla'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  assert model_lib.build(10, 4, config).kernels == 'cpu'
+  assert registry.build(10, 4, config).kernels == 'cpu'
   config.kernels = 'xla'
-  assert model_lib.build(10, 4, config).kernels == 'xla'
+  assert registry.build(10, 4, config).kernels == 'xla'
 
 
 def test_kernels_setting_is_validated():
@@ -108,12 +108,31 @@ def test_deterministic_ops_flag():
 
 
 def test_resuming_on_another_backend_is_allowed():
-  """kernels, the loss budget and the flag change how, not what, is computed."""
+  """kernels, the loss budget and the flag change how, not what, is computed: a resume
+  may change them; a change of what is computed is refused, naming the key."""
+  how = ('model.kernels', 'train.loss_memory_mb', 'train.deterministic_ops')
+  for key in how:
+    assert defaults.resumable(key) and defaults.TABLE[key].resumable, key
+  for key in ('model.d_model', 'train.lr', 'data.max_len', 'no.such_key'):
+    assert not defaults.resumable(key), key
+  assert set(defaults.choices('model.kernels')) == {'auto', 'xla', 'cpu'}
   old = defaults.get_default_config()
   new = ml_collections.ConfigDict(old.to_dict())
   new.model.kernels, new.train.loss_memory_mb = 'xla', 4096
   new.train.deterministic_ops = False
-  trainer.check_resumable(old.to_dict(), new)
+  trainer.check_resumable(old.to_dict(), new)  # accepted: returns without raising
+  for key, value in (('model.kernels', 'cpu'), ('train.loss_memory_mb', 1),
+                     ('train.deterministic_ops', True)):
+    one = ml_collections.ConfigDict(old.to_dict())
+    section, field = key.split('.')
+    one[section][field] = value
+    trainer.check_resumable(old.to_dict(), one)
+  refused = ml_collections.ConfigDict(new.to_dict())
+  refused.model.d_model = 64
+  with pytest.raises(ResumeRefused, match='model.d_model') as e:
+    trainer.check_resumable(old.to_dict(), refused)
+  # only the key that may not change is named
+  assert not any(k in str(e.value) for k in how), str(e.value)
 
 
 def test_config_saved_before_new_keys_still_resumes():

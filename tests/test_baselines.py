@@ -1,14 +1,15 @@
-"""The non-learned baselines (gear_jax/baselines.py) through their CLI: the numbers of
-scripts/baselines.py as it was before they moved into the package (recorded in
-tests/fixtures/baselines_test_preset.json), the full-catalogue protocol against brute
-force, the test split, and their place in a `gear_jax.report` comparison."""
+"""The non-learned baselines (gear_jax/heuristics.py) through their command line
+(gear_jax.baselines): the numbers of scripts/baselines.py as it was before they moved
+into the package (recorded in tests/fixtures/baselines_test_preset.json), the
+full-catalogue protocol against brute force, the test split, and their place in a
+`gear_jax.report` comparison."""
 
 import json
 
 import numpy as np
 
-from conftest import REPO, load_config, run_module
-from gear_jax import baselines
+from conftest import REPO, TEST_CONFIG, run_module
+from gear_jax import defaults, heuristics
 
 RECORDED = REPO / 'tests' / 'fixtures' / 'baselines_test_preset.json'
 KS = '(1,5,10,20,50)'
@@ -31,8 +32,8 @@ def test_cli_reproduces_the_recorded_numbers_and_brute_force(tmp_path):
   assert 'transition' in proc.stdout and 'val/NDCG@10' in proc.stdout
   recorded = json.loads(RECORDED.read_text())
   got = {n: json.loads((tmp_path / 'bl' / n / 'summary.json').read_text())
-         for n in baselines.NAMES}
-  for name in baselines.NAMES:
+         for n in heuristics.NAMES}
+  for name in heuristics.NAMES:
     summary = got[name]
     assert summary['best_epoch'] == 0 and summary['num_params'] == 0
     assert summary['best'] == summary['best_val']['val/NDCG@10']
@@ -41,8 +42,8 @@ def test_cli_reproduces_the_recorded_numbers_and_brute_force(tmp_path):
     config = json.loads((tmp_path / 'bl' / name / 'config.json').read_text())
     assert config['model']['name'] == name
   # full-catalogue ranks by brute force: dense scores of every item for every case
-  config = load_config('test')
-  config.data.path, config.data.cache_dir = str(path), str(tmp_path / 'cache')
+  config = defaults.load_config(TEST_CONFIG, {'data.path': str(path),
+                                              'data.cache_dir': str(tmp_path / 'cache')})
   from gear_jax.data import load_dataset
   data, _ = load_dataset(config.data)
   v1 = data.num_items + 1
@@ -75,8 +76,8 @@ def test_cli_reproduces_the_recorded_numbers_and_brute_force(tmp_path):
   table = (tmp_path / 'cmp' / 'report.md').read_text()
   rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
           for line in table.splitlines() if line.startswith('| ') and 'seeds' not in line}
-  assert set(rows) == set(baselines.NAMES)
-  for name in baselines.NAMES:
+  assert set(rows) == set(heuristics.NAMES)
+  for name in heuristics.NAMES:
     val = got[name]['best_val']
     assert rows[name][2:4] == [f'{val["val/Recall@10"]:.4f}', f'{val["val/NDCG@10"]:.4f}']
     assert rows[name][-3:] == ['0', '-', '0']  # epochs, s per epoch, parameters

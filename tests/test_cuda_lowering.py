@@ -1,5 +1,5 @@
-"""Every compiled program lowers for CUDA, checked on a CPU-only machine (issue 14,
-part 1): tests/cuda_lowering_worker.py exports them with jax.export for platform
+"""Every compiled program lowers for CUDA, checked on a CPU-only machine:
+tests/cuda_lowering_worker.py exports them with jax.export for platform
 'cuda' on 8 forced CPU devices, with the kernels 'auto' picks on a GPU ('xla') and,
 for the train step, the CPU-tuned ones too."""
 
@@ -8,7 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+# lowers some 30 programs in a subprocess (about 40 s)
+pytestmark = pytest.mark.slow
 
 
 def test_every_program_lowers_for_cuda():

@@ -87,6 +87,7 @@ def test_train_and_evaluate_configures_first(monkeypatch, tmp_path):
   assert calls == ['configure', 'validate']
 
 
+@pytest.mark.slow  # four probe processes
 def test_only_when_computing_on_cpu(tmp_path):
   """A CPU remedy: off when JAX_PLATFORMS names an accelerator first, or when a GPU
   plugin is installed (faked here by an importable jax_cuda12_plugin package)."""

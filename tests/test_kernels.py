@@ -1,4 +1,4 @@
-"""The CPU-tuned kernels against their plain autodiff twins (gear_jax.kernels), values
+"""The CPU-tuned kernels against their plain autodiff twins (gear_jax.models.kernels), values
 and gradients, at the shapes users run: L = 50 gives T = 99 upper positions in two
 query blocks; T = 131 splits unevenly into three. With dropout, the time bias, padding
 masks, and in bfloat16.
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gear_jax import kernels
+from gear_jax.models import kernels
 
 HIGHEST = jax.lax.Precision.HIGHEST
 TOL = {'float32': 5e-5, 'bfloat16': 3e-2}
@@ -92,3 +92,14 @@ def test_ffn_equals_autodiff(dtype, rate):
   for name, g, r in zip(('x', 'w1', 'b1', 'w2', 'b2'), grads, ref_grads):
     scale = max(1.0, float(jnp.max(jnp.abs(r.astype(jnp.float32)))))
     assert _worst(g, r) < tol * scale, (name, _worst(g, r), scale)
+
+
+def test_implementation_by_name():
+  """The two resolved ``model.kernels`` names map to the custom-VJP functions and their
+  autodiff twins; an unknown name is refused (the layers look it up when they run)."""
+  assert kernels.implementation('cpu') == (kernels.attend, kernels.ffn)
+  assert kernels.implementation('xla') == (kernels.attend_reference, kernels.ffn_reference)
+  with pytest.raises(ValueError, match="'fast'"):
+    kernels.implementation('fast')
+  with pytest.raises(ValueError):
+    kernels.implementation('auto')  # 'auto' is resolved per platform before this

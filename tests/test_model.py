@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from conftest import FIXTURE, run_module
-from gear_jax import convert, steps
-from gear_jax import model as M
+from gear_jax import converter, retrieval, steps
+from gear_jax.models import gear, layers, registry
 from gear_jax.data import DataError
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -22,9 +22,9 @@ TOL = 1e-4
 def ref():
   with np.load(FIXTURE) as z:
     arrays = {k: z[k] for k in z.files}
-  state, inputs, outputs, grads, cfg = convert.split_arrays(arrays)
-  return dict(params=convert.torch_to_params(state), inputs=inputs, outputs=outputs,
-              grads=grads, adam=convert.torch_to_params(
+  state, inputs, outputs, grads, cfg = converter.split_arrays(arrays)
+  return dict(params=converter.torch_to_params(state), inputs=inputs, outputs=outputs,
+              grads=grads, adam=converter.torch_to_params(
                   {k: v for k, v in arrays.items() if k.startswith('adam_step/')}
                   and {k[len('adam_step/'):]: v for k, v in arrays.items()
                        if k.startswith('adam_step/')}),
@@ -32,7 +32,7 @@ def ref():
 
 
 def _model(cfg, **kw):
-  return M.GEAR(num_items=cfg['num_items'], num_behaviors=cfg['n_b'],
+  return gear.GEAR(num_items=cfg['num_items'], num_behaviors=cfg['n_b'],
                 d_model=cfg['d_model'], n_head=cfg['n_head'], n_layer=cfg['n_layer'],
                 dropout=cfg['dropout'], precision=HIGHEST, **kw)
 
@@ -48,31 +48,31 @@ def test_fixture_outputs_and_gradients(ref, kernels):
   """Every implementation (kernels x item losses) against the reference."""
   cfg, params, batch = ref['cfg'], ref['params'], _batch(ref['inputs'])
   model = _model(cfg, kernels=kernels)
-  np.testing.assert_array_equal(np.asarray(M.time_matrix(batch['gaps']), np.float32),
+  np.testing.assert_array_equal(np.asarray(gear.time_matrix(batch['gaps']), np.float32),
                                 ref['inputs']['time_bias'])
   h_beh, h_item = model.apply({'params': params}, batch['items'], batch['behaviors'],
                               batch['gaps'], deterministic=True)
   out = ref['outputs']
-  np.testing.assert_allclose(M.item_logits(params, h_beh, HIGHEST), out['logits_item'],
+  np.testing.assert_allclose(retrieval.item_logits(params, h_beh, HIGHEST), out['logits_item'],
                              atol=TOL, rtol=0)
-  np.testing.assert_allclose(M.behavior_logits(params, h_item, HIGHEST),
+  np.testing.assert_allclose(gear.behavior_logits(params, h_item, HIGHEST),
                              out['logits_behavior'], atol=TOL, rtol=0)
-  scores = M.score_candidates(params, h_beh[:, -1],
+  scores = retrieval.score_candidates(params, h_beh[:, -1],
                               jnp.asarray(ref['inputs']['candidates'], jnp.int32), HIGHEST)
   np.testing.assert_allclose(scores, out['scores'], atol=TOL, rtol=0)
   # the evaluation path: only the last position in the last upper block
   h_last = model.apply({'params': params}, batch['items'], batch['behaviors'], batch['gaps'],
-                       method=M.GEAR.last_state)
-  scores = M.score_candidates(params, h_last,
+                       method=gear.GEAR.last_state)
+  scores = retrieval.score_candidates(params, h_last,
                               jnp.asarray(ref['inputs']['candidates'], jnp.int32), HIGHEST)
   np.testing.assert_allclose(scores, out['scores'], atol=TOL, rtol=0)
   for impl in ('dense', 'token', 'vocab'):
     def loss_fn(p, impl=impl):
-      return steps.gear_loss(p, batch, None, model=model, alpha=cfg['alpha'],
+      return gear.gear_loss(p, batch, None, model=model, alpha=cfg['alpha'],
                              loss_impl=impl, loss_memory_mb=0.01)[0]
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     assert abs(float(loss) - float(out['loss'])) < TOL
-    want = convert.torch_to_params(ref['grads'])
+    want = converter.torch_to_params(ref['grads'])
     errors = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads,
                                     want)
     assert max(jax.tree_util.tree_leaves(errors)) < TOL, (kernels, impl, errors)
@@ -84,11 +84,11 @@ def test_fixture_adam_step(ref):
   cfg, params, batch = ref['cfg'], ref['params'], _batch(ref['inputs'])
   model = _model(cfg)
   tx = steps.make_optimizer(1e-3, 1e-6)
-  grads = jax.jit(jax.grad(lambda p: steps.gear_loss(
+  grads = jax.jit(jax.grad(lambda p: gear.gear_loss(
       p, batch, None, model=model, alpha=cfg['alpha'], loss_impl='dense')[0]))(params)
   new = jax.jit(lambda g, p: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))(
       grads, params)
-  ref_grads = convert.torch_to_params(ref['grads'])
+  ref_grads = converter.torch_to_params(ref['grads'])
   checked = 0
   for got, want, g in zip(jax.tree_util.tree_leaves(new),
                           jax.tree_util.tree_leaves(ref['adam']),
@@ -115,6 +115,7 @@ def test_convert_cli_verify(tmp_path):
   assert again.returncode == 2 and 'already holds checkpoints' in again.stderr
 
 
+@pytest.mark.slow
 def test_convert_verify_fails_on_wrong_weights(tmp_path):
   with np.load(FIXTURE) as z:
     arrays = {k: z[k] for k in z.files}
@@ -145,7 +146,7 @@ def test_lightning_prefixes_are_accepted():
                         ('norm1.weight', (4,)), ('norm1.bias', (4,)),
                         ('norm2.weight', (4,)), ('norm2.bias', (4,))):
       params[f'backbone.{block}.{name}'] = np.zeros(shape)
-  tree = convert.torch_to_params(params)
+  tree = converter.torch_to_params(params)
   assert tree['item_attention_blocks_0']['self_attn']['in_proj']['kernel'].shape == (4, 12)
   assert tree['behavior_attention_blocks_0']['linear1']['kernel'].shape == (4, 16)
 
@@ -160,7 +161,7 @@ def test_ckpt_without_torch_explains_the_export(tmp_path):
   fake = tmp_path / 'model.ckpt'
   fake.write_bytes(b'not really')
   with pytest.raises(DataError, match='needs torch') as e:
-    convert.read_reference(str(fake))
+    converter.read_reference(str(fake))
   assert 'np.savez' in e.value.hint and str(fake) in str(e.value)
 
 
@@ -171,9 +172,9 @@ B, L, V, NB, D, H = 3, 7, 13, 5, 10, 2
 
 @pytest.fixture(scope='module')
 def small():
-  model = M.GEAR(num_items=V, num_behaviors=NB, d_model=D, n_head=H, n_layer=2,
+  model = gear.GEAR(num_items=V, num_behaviors=NB, d_model=D, n_head=H, n_layer=2,
                  dropout=0.3, precision=HIGHEST)
-  params = M.init_params(model, jax.random.PRNGKey(0), L)
+  params = registry.init_params(model, jax.random.PRNGKey(0), L)
   rng = np.random.default_rng(0)
   items = rng.integers(1, V + 1, (B, L)).astype(np.int32)
   behaviors = rng.integers(1, NB + 1, (B, L)).astype(np.int32)
@@ -187,16 +188,29 @@ def test_shapes_and_param_count(small):
   model, params, items, behaviors, gaps = small
   h_beh, h_item = model.apply({'params': params}, items, behaviors, gaps)
   assert h_beh.shape == (B, L, D) and h_item.shape == (B, L - 1, D)
-  assert M.item_logits(params, h_beh).shape == (B, L, V + 1)
-  assert M.behavior_logits(params, h_item).shape == (B, L - 1, NB + 1)
+  assert retrieval.item_logits(params, h_beh).shape == (B, L, V + 1)
+  assert gear.behavior_logits(params, h_item).shape == (B, L - 1, NB + 1)
   assert params['item_emb']['embedding'].shape == (V + 1, D)
   assert not params['behavior_emb']['embedding'][0].any()  # zero padding row at init
   assert params['item_emb']['embedding'][0].any()  # Xavier, row 0 included
-  # the retail configuration: 99,037 items, d 32, 2 heads, 4 upper layers -> 3.2 M
-  retail = M.GEAR(num_items=99037, num_behaviors=4, d_model=32, n_head=2, n_layer=4)
-  shapes = jax.eval_shape(lambda k: M.init_params(retail, k, 50), jax.random.PRNGKey(0))
-  n = M.count_params(shapes)
-  assert n == 3_245_664 and f'{n / 1e6:.1f} M' == '3.2 M'
+  # the retail configuration (99,037 items, d 32, 4 upper layers): the item table plus
+  # the behavior table, the shared LayerNorm and 6 encoder layers of 12 d^2 + 13 d each
+  def count(model):
+    shapes = jax.eval_shape(lambda k: registry.init_params(model, k, 50),
+                            jax.random.PRNGKey(0))
+    return shapes, layers.count_params(shapes)
+  d = 32
+  shapes, n = count(gear.GEAR(num_items=99037, num_behaviors=4, d_model=d, n_head=2,
+                              n_layer=4))
+  assert n == (99037 + 1) * d + 5 * d + 2 * d + 6 * (12 * d * d + 13 * d) == 3_245_664
+  # a table padded to shard evenly: the padding rows are parameters of the array but
+  # not of the model
+  padded, n_padded = count(gear.GEAR(num_items=99037, num_behaviors=4, d_model=d,
+                                     n_head=2, n_layer=4, table_rows=99040))
+  assert padded['item_emb']['embedding'].shape == (99040, d)
+  assert n_padded == n + 2 * d
+  assert layers.count_params(padded, num_items=99037) == n
+  assert layers.count_params(shapes, num_items=99037) == n
 
 
 @pytest.mark.parametrize('mask_padding', [False, True])
@@ -205,18 +219,18 @@ def test_last_state_is_the_last_output(small, mask_padding, dtype):
   model, params, items, behaviors, gaps = small
   model = model.clone(mask_padding=mask_padding, dtype=dtype)
   full = model.apply({'params': params}, items, behaviors, gaps)[0][:, -1]
-  last = model.apply({'params': params}, items, behaviors, gaps, method=M.GEAR.last_state)
+  last = model.apply({'params': params}, items, behaviors, gaps, method=gear.GEAR.last_state)
   assert last.shape == (B, D) and last.dtype == full.dtype
   np.testing.assert_allclose(np.asarray(last, np.float32), np.asarray(full, np.float32),
                              atol=1e-5 if dtype == jnp.float32 else 2e-2)
   # and it still depends on the whole sequence (row 0 is left-padded)
   moved = model.apply({'params': params}, items, behaviors, gaps + 1000,
-                      method=M.GEAR.last_state)
+                      method=gear.GEAR.last_state)
   assert float(jnp.abs(moved.astype(jnp.float32) - last.astype(jnp.float32)).max()) > 1e-3
 
 
 def test_last_needs_inference_mode():
-  layer = M.EncoderLayer(D, H, 0.3)
+  layer = layers.EncoderLayer(D, H, 0.3)
   x = jnp.zeros((2, 5, D))
   variables = layer.init(jax.random.PRNGKey(0), x, None, None, True)
   with pytest.raises(ValueError, match='deterministic=True'):
@@ -252,9 +266,9 @@ def test_time_bias_only_in_the_behavior_block(small):
   np.testing.assert_array_equal(item_a, item_b)
   assert np.abs(np.asarray(beh_a) - np.asarray(beh_b)).max() > 1e-3
   # with all gaps 0 the bias is 0: the behavior block equals a plain causal block
-  bias = M.time_bias(jnp.zeros_like(gaps), H)
+  bias = gear.time_bias(jnp.zeros_like(gaps), H)
   assert float(jnp.abs(bias).max()) == 0.0
-  slopes = np.asarray(M.alibi_slopes(2))
+  slopes = np.asarray(gear.alibi_slopes(2))
   np.testing.assert_allclose(slopes, [1.0, 1.0 / 16.0])
 
 
@@ -276,7 +290,7 @@ def test_dropout_only_in_training(small):
   assert np.abs(np.asarray(tr_a[0]) - np.asarray(det_a[0])).max() > 1e-3
   np.testing.assert_array_equal(tr_a[0], tr_a2[0])  # same key, same masks
   # the mask keeps 1 - rate of the units and rescales them
-  d = M.Dropout(0.3)
+  d = layers.Dropout(0.3)
   y = d.apply({}, jnp.ones((400, 500)), False, rngs={'dropout': k1})
   assert abs(float((y != 0).mean()) - 0.7) < 0.005
   np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.7], rtol=1e-6)
@@ -286,7 +300,7 @@ def test_gradients_reach_every_parameter_except_index0_lookups(small):
   model, params, items, behaviors, gaps = small
   batch = {'items': jnp.asarray(items), 'behaviors': jnp.asarray(behaviors),
            'gaps': jnp.asarray(gaps)}
-  grads = jax.jit(jax.grad(lambda p: steps.gear_loss(
+  grads = jax.jit(jax.grad(lambda p: gear.gear_loss(
       p, batch, jax.random.PRNGKey(3), model=model, alpha=0.1, loss_impl='dense')[0]))(params)
   for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
     assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
@@ -323,18 +337,18 @@ def test_mask_padding_hides_padded_positions(small):
 def test_catalogue_scoring_helpers(small):
   model, params, items, behaviors, gaps = small
   h_last = model.apply({'params': params}, items, behaviors, gaps)[0][:, -1]
-  full = M.score_catalogue(params, h_last, chunk=4, precision=HIGHEST)
+  full = retrieval.score_catalogue(params, h_last, chunk=4, precision=HIGHEST)
   dense = jnp.einsum('bd,vd->bv', h_last, params['item_emb']['embedding'],
                      precision=HIGHEST)
   np.testing.assert_allclose(full, dense, atol=1e-6)
   target = jnp.asarray([1, 5, 13], jnp.int32)
-  ranks = M.rank_in_catalogue(params, h_last, target, chunk=4, precision=HIGHEST)
+  ranks = retrieval.rank_in_catalogue(params, h_last, target, chunk=4, precision=HIGHEST)
   s = np.asarray(dense)
   for b in range(B):
     others = [v for v in range(1, V + 1) if v != int(target[b])]
     assert int(ranks[b]) == int((s[b, others] >= s[b, int(target[b])]).sum())
   cand = jnp.asarray([[1, 2, 3], [5, 6, 7], [13, 12, 11]], jnp.int32)
-  np.testing.assert_allclose(M.score_candidates(params, h_last, cand, HIGHEST),
+  np.testing.assert_allclose(retrieval.score_candidates(params, h_last, cand, HIGHEST),
                              np.take_along_axis(s, np.asarray(cand), 1), atol=1e-6)
 
 
@@ -357,10 +371,10 @@ def test_top_k_in_catalogue_equals_brute_force(chunk, group, k):
   exclude[1] = [36, 17, 3, 0]
   exclude[2] = [2, 5, 0, 0]
   hp = jax.lax.Precision.HIGHEST
-  scores, ids = jax.jit(lambda p, x, ex: M.top_k_in_catalogue(
+  scores, ids = jax.jit(lambda p, x, ex: retrieval.top_k_in_catalogue(
       p, x, k, chunk, hp, num_items=v, exclude=ex, group=group))(
           params, h, jnp.asarray(exclude))
-  full = np.asarray(M.score_catalogue(params, h, chunk, hp, num_items=v))  # [b, v + 1]
+  full = np.asarray(retrieval.score_catalogue(params, h, chunk, hp, num_items=v))  # [b, v + 1]
   for r in range(b):
     allowed = [i for i in range(1, v + 1) if i not in set(exclude[r]) - {0}]
     order = sorted(allowed, key=lambda i: (-full[r, i], i))[:k]

@@ -21,8 +21,11 @@ import os
 
 import pytest
 
-from conftest import load_config, run_module
-from gear_jax import run_log
+from conftest import TEST_CONFIG, run_module
+from gear_jax import defaults, run_log
+
+# minutes: the module fixture trains, resumes and evaluates every case
+pytestmark = pytest.mark.slow
 
 TOL = 1e-5
 EIGHT = {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
@@ -71,20 +74,11 @@ def _write_formats(tsv_path, directory) -> dict[str, str]:
 
 
 def _config_with(flags: list[str], path, cache_dir):
-  """configs/test.py with the --config.data.* flags of a case applied."""
-  config = load_config('test')
-  config.data.path, config.data.cache_dir = str(path), str(cache_dir)
-  for flag in flags:
-    key, value = flag[len('--config.'):].split('=', 1)
-    if not key.startswith('data.'):
-      continue
-    *parents, leaf = key.split('.')
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) \
-        else value == 'True'
-  return config
+  """configs/test.py with the --config.data.* flags of a case applied (parsed as the
+  command line parses them)."""
+  data_flags = [f[len('--config.'):] for f in flags if f.startswith('--config.data.')]
+  return defaults.load_config(TEST_CONFIG, [f'data.path={path}',
+                                            f'data.cache_dir={cache_dir}', *data_flags])
 
 
 def _run_case(name: str, flags: list[str], paths: dict, root) -> dict:

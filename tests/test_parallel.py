@@ -18,6 +18,9 @@ import pytest
 from conftest import REPO, run_module
 from gear_jax import run_log
 
+# each test starts 8-device or two-process runs (tens of seconds each)
+pytestmark = pytest.mark.slow
+
 TOL = 1e-5
 
 

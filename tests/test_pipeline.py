@@ -6,7 +6,7 @@ import pytest
 
 from conftest import synthetic_data
 from gear_jax.data import negatives, pipeline
-from gear_jax.model import time_matrix
+from gear_jax.models.gear import time_matrix
 
 L = 12
 

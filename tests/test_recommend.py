@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config, run_module
+from conftest import TEST_CONFIG, run_module
 from gear_jax.data import synthetic
 
 K_FULL = 150  # the whole catalogue of the run (checked in the fixture)
@@ -39,7 +39,7 @@ def run(tmp_path_factory):
   data.write_text(''.join(f'{u}\t{i}\t{b}\t{t}\n'
                           for u, i, b, t in zip(users, items, behaviors, stamps)))
   workdir = root / 'run'
-  out = run_module('gear_jax.train', '--config', str(REPO / 'configs' / 'test.py'),
+  out = run_module('gear_jax.train', '--config', TEST_CONFIG,
                    '--workdir', str(workdir), f'--config.data.path={data}',
                    '--config.train.num_epochs=1', '--config.eval.other_protocol=True')
   assert out.returncode == 0, out.stderr[-3000:]
@@ -102,6 +102,7 @@ def test_cli_raw_ids_exclusions_and_unknown_users(run, tmp_path):
     assert set(got) == set(run['items']) - _history(run, user, 'buy')  # all the rest
 
 
+@pytest.mark.slow
 def test_history_file_equals_known_user_and_bad_history(run, tmp_path):
   """--history for a known user (here as CSV with a header and milliseconds, read
   through --config.data.*) gives the list recommending that user by id gives, also
@@ -141,6 +142,7 @@ def test_history_file_equals_known_user_and_bad_history(run, tmp_path):
   assert 'Traceback' not in out.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_before_work(run, tmp_path):
   """Empty users file, unwritable output, --k beyond the catalogue, a workdir without
   checkpoints, a checkpoint of other data: clear errors (exit 2) or notices."""
@@ -175,13 +177,13 @@ def test_bad_input_is_refused_before_work(run, tmp_path):
   assert 'Traceback' not in out.stderr
 
 
+@pytest.mark.slow
 def test_full_scores_rank_equals_full_protocol_evaluation(run):
   """For every validation user: the history cut just before the validation case and
   `at` = its time give the held-out item the rank that full-ranking evaluation gives
   it; NDCG@10 over those ranks equals `evaluate`'s."""
   import jax
-  from gear_jax import Recommender, evaluate
-  from gear_jax import model as model_lib
+  from gear_jax import Recommender, evaluator, retrieval
   from gear_jax.data import pipeline
   from gear_jax.serving import Histories
   rec = Recommender.load(run['workdir'])
@@ -211,20 +213,20 @@ def test_full_scores_rank_equals_full_protocol_evaluation(run):
   for i in range(batches.num_batches):
     b = batches(i)
     h = rec.model.apply({'params': rec.params}, b['items'], b['behaviors'], b['gaps'],
-                        method=model_lib.GEAR.last_state)
-    r = model_lib.rank_in_catalogue(rec.params, h, b['target'], 64,
+                        method='last_state')
+    r = retrieval.rank_in_catalogue(rec.params, h, b['target'], 64,
                                     rec.model.precision, data.num_items)
     eval_ranks.append(np.asarray(jax.device_get(r))[b['mask']])
   eval_ranks = np.concatenate(eval_ranks)
   np.testing.assert_array_equal(ranks, eval_ranks)
-  full = evaluate.run(rec.config, run['workdir'], protocol='full')['metrics']
+  full = evaluator.evaluate_run(rec.config, run['workdir'], protocol='full')['metrics']
   ndcg = np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean()
   assert abs(full['val/NDCG@10'] - ndcg) < 1e-6
 
 
 def test_export_serves_the_same_lists_without_flax(run, tmp_path):
   """The exported artifact, loaded in a process that never imports flax or
-  gear_jax.model, returns the in-process lists; scores within 1e-5."""
+  the model code (gear_jax.models), returns the in-process lists; scores within 1e-5."""
   artifact = tmp_path / 'srv' / 'model.jaxexport'
   out = run_module('gear_jax.export', '--workdir', run['workdir'], '--output',
                    str(artifact), '--k', '12')
@@ -279,11 +281,10 @@ print(json.dumps(out))
 def test_interrupted_export_leaves_the_old_artifact(run, tmp_path, monkeypatch):
   """A stop while the artifact is written keeps the old file (no partial one, no
   temporary left); a stop between artifact and sidecar is caught when loading."""
-  from gear_jax import Recommender, atomic, serving
-  from gear_jax import export as export_lib
+  from gear_jax import Recommender, atomic, exporter, serving
   rec = Recommender.load(run['workdir'])
   path = str(tmp_path / 'model.jaxexport')
-  export_lib.export_recommender(rec, path, k=5)
+  exporter.export_recommender(rec, path, k=5)
   old = open(path, 'rb').read()
   real = atomic.atomic_write
 
@@ -304,7 +305,7 @@ def test_interrupted_export_leaves_the_old_artifact(run, tmp_path, monkeypatch):
 
   monkeypatch.setattr(atomic, 'atomic_write', torn_write)
   with pytest.raises(KeyboardInterrupt):
-    export_lib.export_recommender(rec, path, k=7)
+    exporter.export_recommender(rec, path, k=7)
   assert open(path, 'rb').read() == old
   assert sorted(os.listdir(tmp_path)) == ['model.jaxexport', 'model.jaxexport.vocab.json']
   assert serving.load(path).max_k == 5
@@ -321,6 +322,6 @@ def test_interrupted_export_leaves_the_old_artifact(run, tmp_path, monkeypatch):
 
   monkeypatch.setattr(atomic, 'atomic_write', stop_at_sidecar)
   with pytest.raises(KeyboardInterrupt):
-    export_lib.export_recommender(rec, path, k=7)
+    exporter.export_recommender(rec, path, k=7)
   with pytest.raises(ValueError, match='does not belong to'):
     serving.load(path)

@@ -1,4 +1,5 @@
-"""Run reports, comparisons and sweeps (gear_jax.report, gear_jax.sweep)."""
+"""Run reports, comparisons and sweeps (gear_jax.reporting and its command line
+gear_jax.report, gear_jax.sweep)."""
 
 import json
 import os
@@ -6,15 +7,15 @@ import re
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO, run_module
-
-TEST_CONFIG = str(REPO / 'configs' / 'test.py')
+from conftest import REPO, TEST_CONFIG, run_module
+from gear_jax import lock as lock_lib
 
 
 def _tables(text: str, heading: str) -> list[list[list[str]]]:
@@ -33,6 +34,23 @@ def _tables(text: str, heading: str) -> list[list[list[str]]]:
   if current:
     tables.append(current)
   return tables
+
+
+def _assert_figure(path, size: tuple[int, int]) -> None:
+  """`path` is a PNG of `size` (width, height) pixels with a drawing on it: many
+  colours, and a good share of the pixels not the background's."""
+  import matplotlib.image
+  import numpy as np
+  with open(path, 'rb') as f:
+    head = f.read(24)
+  assert head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR', head
+  assert struct.unpack('>II', head[16:24]) == size
+  pixels = matplotlib.image.imread(path)
+  assert pixels.shape[:2] == (size[1], size[0]) and pixels.shape[2] in (3, 4)
+  flat = pixels[..., :3].reshape(-1, 3)
+  colours, counts = np.unique(flat, axis=0, return_counts=True)
+  assert len(colours) > 20, len(colours)  # lines, text, anti-aliasing: not one colour
+  assert counts.max() < 0.97 * len(flat)  # the background is not everything
 
 
 def _num(cell: str) -> float:
@@ -55,8 +73,8 @@ def test_report_numbers_equal_the_run_record(run):
   """Every number in the trainer's report.md, parsed back, equals metrics.jsonl /
   summary.json / run.json; the figures exist."""
   text = open(os.path.join(run, 'report.md')).read()
-  for fig in ('report_curves.png', 'report_at_k.png'):
-    assert os.path.getsize(os.path.join(run, fig)) > 5000
+  for fig, size in (('report_curves.png', (1100, 396)), ('report_at_k.png', (605, 396))):
+    _assert_figure(os.path.join(run, fig), size)
     assert f']({fig})' in text  # linked by relative path
   rows = [json.loads(line) for line in open(os.path.join(run, 'metrics.jsonl'))]
   summary = json.load(open(os.path.join(run, 'summary.json')))
@@ -164,11 +182,11 @@ def _fake_run(path, seed: int, best: float, monitor='val/NDCG@10', lr=1e-3):
 
 
 def test_comparison_groups_seeds_with_mean_and_std(tmp_path):
-  from gear_jax import report
+  from gear_jax import reporting
   bests = {1: 0.31, 2: 0.35, 3: 0.36}
   runs = [_fake_run(tmp_path / f'lr=0.001,seed={s}', s, b) for s, b in bests.items()]
   runs.append(_fake_run(tmp_path / 'lr=0.01,seed=1', 1, 0.20, lr=1e-2))
-  path = report.write_comparison(runs, str(tmp_path / 'cmp'))
+  path = reporting.write_comparison(runs, str(tmp_path / 'cmp'))
   text = open(path).read()
   header, *rows = _tables('## T\n' + text.split('\n', 1)[1].split('![')[0], 'T')[0]
   assert len(rows) == 2
@@ -181,13 +199,38 @@ def test_comparison_groups_seeds_with_mean_and_std(tmp_path):
   assert abs(s_mean - statistics.fmean([2.5, 3.5, 4.5])) < 5e-3
   single = dict(zip(header, rows[1]))
   assert single['val/NDCG@10'] == '0.2000' and single['seeds'] == '1'
-  assert os.path.getsize(tmp_path / 'cmp' / 'compare_curves.png') > 5000
+  _assert_figure(tmp_path / 'cmp' / 'compare_curves.png', (770, 440))
   # different monitored metrics: compared on what they share, with a note
   other = _fake_run(tmp_path / 'other', 1, 0.4, monitor='val/Recall@10')
-  text = open(report.write_comparison([runs[0], other], str(tmp_path / 'cmp2'))).read()
+  text = open(reporting.write_comparison([runs[0], other], str(tmp_path / 'cmp2'))).read()
   assert 'monitor different metrics' in text
 
 
+def test_sweep_runs_the_settings_and_compares(tmp_path):
+  """A one-run sweep (one --set value, one seed): the run's directory is named after
+  its settings, its config holds them and the pass-through override, and the
+  comparison report lists it; run again, it is skipped. (train.patience changes no
+  compiled program: the run reuses the programs the fixture's run compiled.)"""
+  workdir = tmp_path / 'sweep'
+  args = ['gear_jax.sweep', '--config', TEST_CONFIG, '--workdir', str(workdir),
+          '--set', 'train.patience=4', '--seeds', '3', '--config.train.num_epochs=1']
+  out = run_module(*args)
+  assert out.returncode == 0, out.stderr[-3000:]
+  run = workdir / 'patience=4,seed=3'
+  assert re.search(r'\[1/1\] \S+patience=4,seed=3: starting', out.stderr), out.stderr[-3000:]
+  config = json.loads((run / 'config.json').read_text())
+  assert (config['train']['patience'], config['seed'], config['train']['num_epochs']) == \
+      (4, 3, 1)
+  summary = json.loads((run / 'summary.json').read_text())
+  text = (workdir / 'report.md').read_text()
+  assert f'`{run}`' in text and '| 3 |' in text
+  assert f'{summary["best"]:.4f}' in text
+  again = run_module(*args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert re.search(r'\[1/1\] \S+patience=4,seed=3: finished, skipped', again.stderr)
+
+
+@pytest.mark.slow
 def test_sweep_killed_and_restarted_skips_finished_runs(tmp_path):
   """A sweep killed during its second run finishes when started again, without
   running the first one again; the comparison report covers both."""
@@ -201,7 +244,12 @@ def test_sweep_killed_and_restarted_skips_finished_runs(tmp_path):
   while not first.exists() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.2)
   assert first.exists(), proc.communicate()[1][-3000:]
-  time.sleep(4)  # into the second run
+  # into the second run: its trainer holds the lock of seed=2 (taken at its start;
+  # the run then still imports JAX, compiles and trains for seconds)
+  lock = workdir / 'seed=2' / lock_lib.LOCK_NAME
+  while not (lock.exists() and lock.read_text().strip()):
+    assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.02)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   assert not (workdir / 'seed=2' / 'summary.json').exists()

@@ -110,6 +110,7 @@ def test_mistyped_data_path_is_not_generated(tmp_path):
 
 # -- the workdir lock --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused_fast(data_args, tmp_path):
   first = subprocess.Popen([sys.executable, '-m', 'gear_jax.train', *data_args,
                             '--config.train.num_epochs=2', '--workdir', str(tmp_path)],
@@ -154,6 +155,7 @@ def test_stale_lock_is_taken_over_with_a_notice(tmp_path, capsys):
 
 # -- damaged checkpoints -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint(three_epochs, tmp_path):
   run, ref, args = three_epochs
   work = tmp_path / 'w'
@@ -212,6 +214,7 @@ def test_only_echoes_of_a_failed_read_are_dropped():
   assert drop_failed_read_echoes(record(None))
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_refuses(three_epochs, tmp_path):
   run, _, args = three_epochs
   work = tmp_path / 'w'
@@ -248,6 +251,7 @@ def _fault(args, workdir, at_step, sig, *extra):
                     *extra, 'gear_jax.train', '--', *args, '--workdir', str(workdir))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sig, code', [('INT', 130), ('TERM', 143)])
 def test_interrupt_stops_at_a_step_boundary(three_epochs, tmp_path, sig, code):
   _, ref, args = three_epochs
@@ -262,6 +266,7 @@ def test_interrupt_stops_at_a_step_boundary(three_epochs, tmp_path, sig, code):
     _resume_matches(args, tmp_path, ref)
 
 
+@pytest.mark.slow
 def test_interrupt_during_evaluation(three_epochs, tmp_path):
   _, ref, args = three_epochs
   args = [*args, '--config.train.num_epochs=4']
@@ -274,6 +279,7 @@ def test_interrupt_during_evaluation(three_epochs, tmp_path):
   _resume_matches(args, tmp_path, ref)
 
 
+@pytest.mark.slow
 def test_second_interrupt_exits_at_once(three_epochs, tmp_path):
   _, ref, args = three_epochs
   args = [*args, '--config.train.num_epochs=4']
@@ -283,6 +289,7 @@ def test_second_interrupt_exits_at_once(three_epochs, tmp_path):
   _resume_matches(args, tmp_path, ref)
 
 
+@pytest.mark.slow
 def test_interrupt_during_compilation(data_args, tmp_path):
   proc = subprocess.Popen([sys.executable, '-m', 'gear_jax.train', *data_args,
                            '--config.model.n_layer=2', '--workdir', str(tmp_path)],

@@ -1,4 +1,4 @@
-"""SASRec (gear_jax/sasrec.py): what it reads, causality, the next-item loss, and that
+"""SASRec (gear_jax/models/sasrec.py): what it reads, causality, the next-item loss, and that
 its inference path equals its training outputs. The command lines (train, resume,
 evaluate, recommend) run it in tests/test_options.py ('sasrec' case)."""
 
@@ -10,9 +10,8 @@ import optax
 import pytest
 
 from conftest import run_module
-from gear_jax import defaults, steps
-from gear_jax import model as M
-from gear_jax import sasrec
+from gear_jax import defaults, retrieval
+from gear_jax.models import layers, registry, sasrec
 from gear_jax.errors import ConfigError
 
 B, L, V = 3, 9, 23
@@ -23,9 +22,11 @@ HIGHEST = jax.lax.Precision.HIGHEST
 def setup():
   config = ml_collections.ConfigDict(dict(name='sasrec', d_model=8, n_head=2, n_layer=2,
                                           dropout=0.2, mask_padding=True, kernels='xla'))
-  model = M.build(V, 4, config)
+  model = registry.build(V, 4, config)
   assert isinstance(model, sasrec.SASRec)
-  params = jax.jit(lambda k: M.init_params(model, k, L))(jax.random.PRNGKey(0))
+  assert registry.spec_of(model).name == 'sasrec'
+  assert registry.spec_of(model).loss is sasrec.sasrec_loss
+  params = jax.jit(lambda k: registry.init_params(model, k, L))(jax.random.PRNGKey(0))
   rng = np.random.default_rng(1)
   items = rng.integers(1, V + 1, (B, L)).astype(np.int32)
   items[0, :4] = 0  # left padding
@@ -52,7 +53,7 @@ def test_reads_items_only_and_is_causal(setup):
   # padded tokens are hidden: their ids do not matter to real positions
   padded = items.copy()
   padded[0, :4] = 0
-  other = M.item_embedding(params).at[0].set(5.0)
+  other = layers.item_embedding(params).at[0].set(5.0)
   h3 = np.asarray(jax.jit(lambda p: model.apply({'params': p}, padded, behaviors, gaps))(
       {**params, 'item_emb': {'embedding': other}}))
   np.testing.assert_allclose(h3[0, 4:], h[0, 4:], atol=1e-5)
@@ -67,19 +68,19 @@ def test_loss_is_next_item_cross_entropy(setup):
   batch = {'items': jnp.asarray(items), 'behaviors': jnp.asarray(behaviors),
            'gaps': jnp.asarray(gaps)}
   h = jax.jit(lambda p: model.apply({'params': p}, items, behaviors, gaps))(params)
-  logits = M.item_logits(params, h, HIGHEST)  # [B, L-1, V+1]
+  logits = retrieval.item_logits(params, h, HIGHEST)  # [B, L-1, V+1]
   labels = items[:, 1:]
   real = (labels != 0) & (items[:, :-1] != 0)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   want = float((ce * real).sum() / real.sum())
   for impl in ('dense', 'token', 'vocab'):
-    loss, aux = jax.jit(lambda p, impl=impl: steps.model_loss(
+    loss, aux = jax.jit(lambda p, impl=impl: registry.spec_of(model).loss(
         p, batch, None, model=model, alpha=0.1, loss_impl=impl, loss_memory_mb=0.01))(
             params)
     assert abs(float(loss) - want) < 1e-5, impl
     assert float(aux['positions']) == real.sum()
   # with dropout on, gradients reach the position table
-  grads = jax.jit(jax.grad(lambda p: steps.model_loss(
+  grads = jax.jit(jax.grad(lambda p: registry.spec_of(model).loss(
       p, batch, jax.random.PRNGKey(3), model=model, alpha=0.1)[0]))(params)
   assert float(jnp.abs(grads['pos_emb']['embedding']).max()) > 0
 

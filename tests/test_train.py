@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config, run_module
+from conftest import TEST_CONFIG, run_module
 from gear_jax import checkpoint as ckpt_lib
-from gear_jax import evaluate, run_log, steps, trainer
+from gear_jax import defaults, evaluator, rundir, run_log, steps, trainer
 from gear_jax.data import DataError
 from gear_jax.errors import ConfigError, TrainingDiverged
 
@@ -26,7 +26,7 @@ def data_dir(tmp_path_factory):
 
 
 def make_config(data_dir, **overrides):
-  config = load_config()
+  config = defaults.load_config(TEST_CONFIG)
   config.data.path = str(data_dir / 'synthetic_test.txt')
   config.data.cache_dir = str(data_dir / 'cache')
   config.train.num_epochs = 4
@@ -91,19 +91,20 @@ def test_workdir_record(baseline):
 def test_evaluate_reproduces_summary(baseline):
   workdir, summary = baseline
   config = json.loads((workdir / 'config.json').read_text())
-  out = evaluate.run(evaluate.config_from_workdir(str(workdir)), str(workdir),
-                     checkpoint='best')
+  out = evaluator.evaluate_run(rundir.read_config(str(workdir)), str(workdir),
+                                checkpoint='best')
   assert out['epoch'] == summary['best_epoch']
   assert out['metrics'] == summary['best_val']  # exactly
   cli = run_module('gear_jax.evaluate', '--workdir', str(workdir), '--json')
   assert cli.returncode == 0, cli.stderr
   assert json.loads(cli.stdout)['metrics'] == summary['best_val']
-  full = evaluate.run(evaluate.config_from_workdir(str(workdir)), str(workdir),
-                      checkpoint='latest', protocol='full')
+  full = evaluator.evaluate_run(rundir.read_config(str(workdir)), str(workdir),
+                                 checkpoint='latest', protocol='full')
   assert set(full['metrics']) >= {'val/NDCG@10', 'val/Recall@10'}
   assert config['eval']['protocol'] == 'sampled'
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch(baseline, data_dir, tmp_path):
   workdir, summary = baseline
   config = make_config(data_dir)
@@ -124,6 +125,7 @@ def test_resume_after_sigkill_mid_epoch(baseline, data_dir, tmp_path):
       summary['best_val']
 
 
+@pytest.mark.slow
 def test_extend_a_finished_run(baseline, data_dir, tmp_path):
   workdir, summary = baseline
   short = trainer.train_and_evaluate(make_config(data_dir, train__num_epochs=2),
@@ -135,12 +137,14 @@ def test_extend_a_finished_run(baseline, data_dir, tmp_path):
   assert longer['best_epoch'] == summary['best_epoch']
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(baseline, data_dir, tmp_path):
   trainer.train_and_evaluate(make_config(data_dir, train__num_epochs=1), str(tmp_path))
   with pytest.raises(ValueError, match='model.d_model'):
     trainer.train_and_evaluate(make_config(data_dir, model__d_model=16), str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('poison', ['loss', 'grad_norm'])
 def test_nan_stops_and_keeps_good_checkpoints(data_dir, tmp_path, monkeypatch, poison):
   # a non-finite gradient with a finite loss must not be saved either
@@ -164,10 +168,11 @@ def test_nan_stops_and_keeps_good_checkpoints(data_dir, tmp_path, monkeypatch, p
   assert store.all_steps() == [records[0]['step']]
   meta = store.read_meta(records[0]['step'])
   assert meta['epoch'] == 0
-  out = evaluate.run(config, str(tmp_path), checkpoint='latest')
+  out = evaluator.evaluate_run(config, str(tmp_path), checkpoint='latest')
   assert all(np.isfinite(v) for v in out['metrics'].values())
 
 
+@pytest.mark.slow
 def test_steps_compile_once(data_dir, tmp_path, monkeypatch):
   traces = {'train': 0, 'eval': 0}
   real_train, real_eval = steps.train_step, steps.eval_step
@@ -189,11 +194,12 @@ def test_steps_compile_once(data_dir, tmp_path, monkeypatch):
   assert traces == {'train': 1, 'eval': 1}
 
 
+@pytest.mark.slow
 def test_val_test_split(data_dir, tmp_path):
   config = make_config(data_dir, data__split='val_test', train__num_epochs=2)
   summary = trainer.train_and_evaluate(config, str(tmp_path))
   assert set(summary['test']) >= {'test/NDCG@10', 'test/Recall@10', 'test/MRR'}
-  out = evaluate.run(config, str(tmp_path), checkpoint='best', split='test')
+  out = evaluator.evaluate_run(config, str(tmp_path), checkpoint='best', split='test')
   assert out['metrics'] == summary['test']
 
 
@@ -207,13 +213,12 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
 
 
 def test_config_is_validated():
-  from gear_jax import defaults
-  config = load_config()
+  config = defaults.load_config(TEST_CONFIG)
   config.eval.monitor = 'val/NDCG@7'
   with pytest.raises(ConfigError, match='monitor') as e:
     defaults.validate_config(config)
   assert not isinstance(e.value, DataError)  # a config error is not a data error
-  config = load_config()
+  config = defaults.load_config(TEST_CONFIG)
   config.model.precision = 'fp8'
   with pytest.raises(ConfigError, match='precision'):
     defaults.validate_config(config)
