@@ -7,8 +7,9 @@ A checkpoint is one orbax step directory (named by the global micro-step) with i
   meta       JSON: epoch, early-stopping state, validation metrics, the config
 Saves are atomic (orbax writes a temporary directory and renames it after a commit
 marker; unfinished ones are ignored and cleaned up) and asynchronous: the next epoch
-trains while the previous one is written. `CheckpointManager` keeps exactly two: the
-LATEST and the BEST by the monitored metric (ties keep the earlier step, which is the
+trains while the previous one is written. `CheckpointManager` keeps the two LATEST
+(the newest and a fallback for when it is damaged; mid-epoch saves count) and the BEST
+by the monitored metric (ties keep the earlier step, which is the
 one early stopping calls best).
 
 A checkpoint that cannot be read (a damaged disk, a file emptied or cut short) raises
@@ -38,6 +39,7 @@ from gear_jax import parallel
 from gear_jax.errors import CheckpointError, is_failed_read_echo
 
 ITEMS = ('params', 'train', 'data_iter', 'meta')
+KEEP_LATEST = 2  # the newest checkpoint and its fallback
 DAMAGED_DIR = 'damaged_checkpoints'
 
 
@@ -79,6 +81,23 @@ def _quiet_failed_reads():
     sys.unraisablehook = previous
 
 
+@contextlib.contextmanager
+def _unranked_ok():
+  """While saving a checkpoint without metrics on purpose (mid-epoch: never 'best'),
+  drops orbax's warning that the best-checkpoint policy got no metrics."""
+  import logging
+
+  def keep(record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+  logger = logging.getLogger('absl')
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
+
+
 def _rank(metrics: dict) -> tuple[float, int]:
   value = float(metrics['monitor'])
   return (-math.inf if math.isnan(value) else value, -int(metrics['step']))
@@ -95,7 +114,7 @@ class CheckpointStore:
     self.workdir = os.path.abspath(workdir)
     directory = os.path.join(self.workdir, 'checkpoints')
     policy = checkpoint_managers.AnyPreservationPolicy([
-        checkpoint_managers.LatestN(1),
+        checkpoint_managers.LatestN(KEEP_LATEST),
         checkpoint_managers.BestN(get_metric_fn=_rank, reverse=False, n=1,
                                   keep_checkpoints_without_metrics=False)])
     options = ocp.CheckpointManagerOptions(
@@ -179,7 +198,13 @@ class CheckpointStore:
   # -- save / restore ----------------------------------------------------------------
   def save(self, step: int, *, params, train: Any | None, iterator: Any | None,
            meta: dict, monitor: float | None) -> None:
-    """Saves (asynchronously) one checkpoint; `monitor` ranks it for 'best'."""
+    """Saves (asynchronously) one checkpoint; `monitor` ranks it for 'best'. A
+    checkpoint of the same step (a save at a stop during the evaluation that ends an
+    epoch) is replaced: both hold the same state, the new one also the epoch's
+    results."""
+    if step in self.all_steps():
+      self.wait()
+      self.manager.delete(step)
     if self.num_items is not None:
       params = parallel.to_canonical(params, self.num_items, self.mesh)
       train = parallel.to_canonical(train, self.num_items, self.mesh)
@@ -190,7 +215,9 @@ class CheckpointStore:
     if iterator is not None:
       args['data_iter'] = grain.checkpoint.CheckpointSave(iterator)
     metrics = None if monitor is None else {'monitor': float(monitor), 'step': step}
-    if not self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics):
+    with _unranked_ok() if metrics is None else contextlib.nullcontext():
+      saved = self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
+    if not saved:
       raise RuntimeError(f'orbax skipped the save of step {step} in {self.directory} '
                          f'(existing steps: {self.all_steps()})')
 

@@ -112,6 +112,10 @@ KEYS: tuple[Key, ...] = (
         '(False: faster)', resumable=True),
     Key('train.log_every', 100, 'steps between loss fetches (progress, TensorBoard)',
         resumable=True),
+    Key('train.checkpoint_every_steps', 0, 'also save the latest checkpoint inside an '
+        'epoch every N micro-steps (0: only at epoch ends)', minimum=0, resumable=True),
+    Key('train.checkpoint_every_minutes', 30.0, 'also save inside an epoch when the '
+        'newest checkpoint is this old (0: never)', minimum=0, resumable=True),
     # -- eval
     Key('eval.protocol', 'sampled', "'sampled' (1 + num_negatives candidates) or 'full' "
         '(catalogue)', choices=('sampled', 'full')),

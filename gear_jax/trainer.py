@@ -103,6 +103,31 @@ class _Run:
   step: int = 0
   epoch: int = 0
   epoch_times: list = dataclasses.field(default_factory=list)
+  partial: _Partial | None = None  # the epoch in progress (or resumed into)
+  last_record: dict | None = None  # metrics of the last finished epoch
+  last_save: float = dataclasses.field(default_factory=time.monotonic)
+  latest_save: dict | None = None  # where the newest checkpoint is (run.json)
+  started: str = dataclasses.field(
+      default_factory=lambda: time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+
+
+@dataclasses.dataclass
+class _Partial:
+  """The epoch in progress: what a mid-epoch checkpoint records to continue it so
+  that the epoch ends exactly as an uninterrupted one (same batches, same float32 sum
+  of the losses)."""
+  epoch: int
+  step: int = 0  # micro-batches of the epoch done
+  loss_sum: Any = 0.0  # the float32 sum of their losses (a device scalar in the loop)
+  bad: Any = 0  # how many had a non-finite loss or gradient norm
+  sequences: int = 0
+  train_s: float = 0.0
+
+  def record(self) -> dict:
+    return dict(epoch=self.epoch, step=self.step,
+                loss_sum=float(parallel.to_host(jnp.asarray(self.loss_sum, jnp.float32))),
+                bad=int(parallel.to_host(jnp.asarray(self.bad, jnp.int32))),
+                sequences=int(self.sequences), train_s=round(float(self.train_s), 3))
 
 
 # -- the phases -------------------------------------------------------------------------
@@ -218,17 +243,14 @@ def _restore(run: _Run, step: int) -> dict:
 
 
 def _restore_or_init(run: _Run) -> None:
-  """Resumes from the newest readable checkpoint (latest, else best), or starts fresh.
+  """Resumes from the newest readable checkpoint (the latest, its fallback, else the
+  best), or starts fresh.
 
   An unreadable checkpoint is reported by step with its reason, set aside (moved to
   <workdir>/damaged_checkpoints/, never deleted) and the next one is tried; when none
   is readable the run refuses to start."""
-  candidates = []
-  for step in (run.store.latest_step(), run.store.best_step()):
-    if step is not None and step not in candidates:
-      candidates.append(step)
   failures = []
-  for step in candidates:
+  for step in sorted(run.store.all_steps(), reverse=True):
     try:
       restored = _restore(run, step)
     except CheckpointError as e:
@@ -238,16 +260,7 @@ def _restore_or_init(run: _Run) -> None:
       moved = run.store.set_aside(e.step)
       _log(f'warning: {e.message}; moved it to {moved} and resuming from step '
            f'{step}', err=True)
-    t = restored['train']
-    run.state = steps.TrainState(params=restored['params'], opt_state=t['opt_state'],
-                                 step=t['step'], rng=t['rng'])
-    run.iterator = restored['data_iter']
-    meta = restored['meta']
-    run.es = EarlyStopping(int(run.config.train.patience), **meta['early_stopping'])
-    run.start_epoch = int(meta['epoch']) + 1
-    run.log.truncate_metrics(run.start_epoch, last=meta.get('metrics'))
-    _log(f'resuming from checkpoint step {step} (epoch {meta["epoch"]}, best '
-         f'{run.config.eval.monitor} {run.es.best:.4f} at epoch {run.es.best_epoch})')
+    _adopt(run, step, restored)
     break
   else:
     if failures:
@@ -255,6 +268,32 @@ def _restore_or_init(run: _Run) -> None:
     run.log.truncate_metrics(0)
   run.step = int(parallel.to_host(run.state.step))
   run.log.write_config(run.config.to_dict())
+  _write_run_record(run)
+
+
+def _adopt(run: _Run, step: int, restored: dict) -> None:
+  """The run continues from checkpoint `step` (`restored` by `_restore`)."""
+  t = restored['train']
+  run.state = steps.TrainState(params=restored['params'], opt_state=t['opt_state'],
+                               step=t['step'], rng=t['rng'])
+  run.iterator = restored['data_iter']
+  meta = restored['meta']
+  run.es = EarlyStopping(int(run.config.train.patience), **meta['early_stopping'])
+  run.start_epoch = int(meta['epoch']) + 1
+  run.last_record = meta.get('metrics')
+  run.log.truncate_metrics(run.start_epoch, last=run.last_record)
+  where = f'epoch {meta["epoch"]}'
+  run.latest_save = dict(step=step, epoch=int(meta['epoch']), micro_batch=None)
+  if meta.get('in_epoch'):
+    run.partial = _Partial(**meta['in_epoch'])
+    where = (f'in epoch {run.partial.epoch} after {run.partial.step} of its '
+             f'{run.train_batches.batches_per_epoch} micro-batches')
+    run.latest_save.update(epoch=run.partial.epoch, micro_batch=run.partial.step)
+  _log(f'resuming from checkpoint step {step} ({where}, best '
+       f'{run.config.eval.monitor} {run.es.best:.4f} at epoch {run.es.best_epoch})')
+
+
+def _write_run_record(run: _Run) -> None:
   if run.log.enabled:
     run_log.write_json(os.path.join(run.workdir, 'run.json'), _run_record(run))
 
@@ -280,20 +319,80 @@ def _run_record(run: _Run) -> dict:
              precision=run.config.model.precision, host=platform.node(),
              xla_flags=os.environ.get('XLA_FLAGS', ''), **run.backend)
   return dict(environment=env, data=preprocess.summary(run.data),
-              model=dict(params=run.n_params),
-              started=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+              model=dict(params=run.n_params), started=run.started,
+              latest_checkpoint=run.latest_save)
 
 
-def _stop_if_requested(run: _Run, stop) -> None:
-  """At a step boundary: after SIGINT / SIGTERM, waits for the checkpoint in flight
-  and raises `Interrupted` with the line that says how to resume."""
-  if stop is None or not stop.requested:
+def _step_boundary(run: _Run, stop, *, saves: bool = True) -> None:
+  """Between two micro-steps (or evaluation batches): the mid-epoch saves of
+  ``train.checkpoint_every_steps`` / ``_minutes`` and, after SIGINT / SIGTERM, a clean
+  stop that saves this step first. In a run of several processes they decide together
+  (a signal to any of them stops all at the same step), so the save is collective."""
+  signum = stop.signum if stop is not None and stop.requested else 0
+  due = saves and _save_due(run)
+  if jax.process_count() > 1:
+    signum, due = _max_over_processes([signum, int(due)])
+  if signum or due:
+    _save_partial(run, announce=not signum)
+  if signum:
+    run.store.wait()
+    latest = run.store.latest_step()
+    how = (f'resume from step {latest}' if latest is not None else 'start it again')
+    raise Interrupted(signum, f'interrupted at epoch {run.epoch} step {run.step}; '
+                      f'rerun the same command to {how}')
+
+
+def _max_over_processes(values: list[int]) -> list[int]:
+  """The element-wise maximum of `values` over the run's processes (a collective)."""
+  from jax.experimental import multihost_utils
+  gathered = multihost_utils.process_allgather(np.asarray(values, np.int32))
+  return [int(v) for v in np.asarray(gathered).reshape(-1, len(values)).max(axis=0)]
+
+
+def _save_due(run: _Run) -> bool:
+  p, train = run.partial, run.config.train
+  if p is None or p.step == 0:  # an epoch's start: the last epoch's checkpoint is here
+    return False
+  every, minutes = int(train.checkpoint_every_steps), float(train.checkpoint_every_minutes)
+  return ((every > 0 and run.step % every == 0)
+          or (minutes > 0 and time.monotonic() - run.last_save >= 60 * minutes))
+
+
+def _save_partial(run: _Run, announce: bool = True) -> None:
+  """A checkpoint of this step inside the epoch (none if one of this step exists, or
+  if nothing was trained yet)."""
+  p = run.partial
+  if p is None or run.store.latest_step() == run.step or (run.step == 0 and p.step == 0):
     return
-  run.store.wait()
-  latest = run.store.latest_step()
-  how = (f'resume from step {latest}' if latest is not None else 'start it again')
-  raise Interrupted(stop.signum, f'interrupted at epoch {run.epoch} step {run.step}; '
-                    f'rerun the same command to {how}')
+  t0 = time.perf_counter()
+  record = p.record()
+  _check_finite(run, record['loss_sum'] / max(p.step, 1), record['bad'])  # never save NaN
+  _save(run, _meta(run, in_epoch=record), monitor=None)
+  run.latest_save = dict(step=run.step, epoch=p.epoch, micro_batch=p.step)
+  _write_run_record(run)
+  if announce:
+    _log(f'checkpoint: step {run.step} (epoch {p.epoch}, micro-batch {p.step} of '
+         f'{run.train_batches.batches_per_epoch}), {time.perf_counter() - t0:.1f}s')
+
+
+def _meta(run: _Run, *, in_epoch: dict | None = None) -> dict:
+  """A checkpoint's run record: the last finished epoch, its early-stopping state and
+  metrics, and (mid-epoch) the epoch in progress."""
+  meta = dict(epoch=run.epoch if in_epoch is None else run.epoch - 1, step=run.step,
+              early_stopping=run.es.state(), metrics=run.last_record,
+              config=run.config.to_dict(), data_key=run.data.key,
+              num_items=run.data.num_items, num_behaviors=run.data.num_behaviors)
+  if in_epoch is not None:
+    meta['in_epoch'] = in_epoch
+  return meta
+
+
+def _save(run: _Run, meta: dict, monitor: float | None) -> None:
+  s = run.state
+  run.store.save(run.step, params=s.params,
+                 train={'opt_state': s.opt_state, 'step': s.step, 'rng': s.rng},
+                 iterator=run.iterator, meta=meta, monitor=monitor)
+  run.last_save = time.monotonic()
 
 
 def _check_finite(run: _Run, loss: float, bad_steps: int) -> None:
@@ -310,21 +409,25 @@ def _check_finite(run: _Run, loss: float, bad_steps: int) -> None:
 
 
 def _train_epoch(run: _Run, stop) -> dict:
-  """One pass over the training batches; the loss is read every train.log_every steps,
-  with a check that every loss and gradient norm so far was finite."""
+  """One pass over the training batches (or the rest of one, resumed mid-epoch); the
+  loss is read every train.log_every steps, with a check that every loss and gradient
+  norm so far was finite."""
   steps_per_epoch = run.train_batches.batches_per_epoch
   log_every = max(1, int(run.config.train.log_every))
   pcount = jax.process_count()
   is_main = jax.process_index() == 0
-  t0 = time.perf_counter()
-  loss_sum = jnp.zeros((), jnp.float32)
-  bad = jnp.zeros((), jnp.int32)  # steps with a non-finite loss or gradient norm
+  p = run.partial
+  if p is None or p.epoch != run.epoch:
+    p = run.partial = _Partial(run.epoch)
+  t0 = time.perf_counter() - p.train_s
+  loss_sum = jnp.asarray(p.loss_sum, jnp.float32)
+  bad = jnp.asarray(p.bad, jnp.int32)  # steps with a non-finite loss or gradient norm
   progress = run_log.Progress(steps_per_epoch, f'epoch {run.epoch}', enabled=is_main)
-  sequences = 0
-  for i in range(steps_per_epoch):
-    _stop_if_requested(run, stop)
+  for i in range(p.step, steps_per_epoch):
+    p.step, p.loss_sum, p.bad, p.train_s = i, loss_sum, bad, time.perf_counter() - t0
+    _step_boundary(run, stop)
     batch = next(run.iterator)
-    sequences += int(batch['mask'].sum()) * pcount
+    p.sequences += int(batch['mask'].sum()) * pcount
     run.state, aux = run.train_step(run.state, parallel.put_batch(batch, run.mesh))
     loss_sum = loss_sum + aux['loss']
     bad = bad + (~(jnp.isfinite(aux['loss']) & jnp.isfinite(aux['grad_norm']))
@@ -335,36 +438,34 @@ def _train_epoch(run: _Run, stop) -> dict:
       _check_finite(run, mean, int(parallel.to_host(bad)))
       if is_main and (i + 1) % log_every == 0:
         run.log.scalars(run.step, {'train/loss_running': mean})
-      progress.update(i + 1, f'loss {mean:.4f}')
+      saved = run.latest_save and f', latest checkpoint step {run.latest_save["step"]}'
+      progress.update(i + 1, f'loss {mean:.4f}{saved or ""}')
   progress.close()
   seconds = time.perf_counter() - t0
+  p.step, p.loss_sum, p.bad, p.train_s = steps_per_epoch, loss_sum, bad, seconds
   return {'train/loss': float(parallel.to_host(loss_sum)) / steps_per_epoch,
-          'train_s': seconds, 'sequences': sequences, 'start': t0}
+          'train_s': seconds, 'sequences': p.sequences, 'start': t0}
 
 
 def _evaluate_and_checkpoint(run: _Run, train: dict, stop) -> None:
   """Validation, early stopping, the epoch's checkpoint and its metrics record."""
   config, monitor = run.config, run.config.eval.monitor
   t1 = time.perf_counter()
-  val = run.evaluator.evaluate(run.state.params, 'val',
-                               on_batch=lambda: _stop_if_requested(run, stop))
+  val = run.evaluator.evaluate(
+      run.state.params, 'val', on_batch=lambda: _step_boundary(run, stop, saves=False))
   val_s = time.perf_counter() - t1
   if monitor not in val:
     raise ConfigError(f'monitored metric {monitor!r} was not computed (no validation '
                       f'cases?); computed: {sorted(val)}', field='config.eval.monitor')
-  _stop_if_requested(run, stop)
+  _step_boundary(run, stop, saves=False)
   improved = run.es.update(val[monitor], run.epoch, run.step, val)
   train_s = train['train_s']
   record = {'epoch': run.epoch, 'step': run.step, 'train/loss': train['train/loss'],
             **val, 'train_s': round(train_s, 3), 'eval_s': round(val_s, 3),
             'train/seq_per_s': round(train['sequences'] / train_s, 1)}
-  meta = dict(epoch=run.epoch, step=run.step, early_stopping=run.es.state(),
-              metrics=record, config=config.to_dict(), data_key=run.data.key,
-              num_items=run.data.num_items, num_behaviors=run.data.num_behaviors)
-  s = run.state
-  run.store.save(run.step, params=s.params,
-                 train={'opt_state': s.opt_state, 'step': s.step, 'rng': s.rng},
-                 iterator=run.iterator, meta=meta, monitor=val[monitor])
+  run.last_record, run.partial = record, None
+  _save(run, _meta(run), monitor=val[monitor])
+  run.latest_save = dict(step=run.step, epoch=run.epoch, micro_batch=None)
   run.log.append_metrics(record)
   run.epoch_times.append(time.perf_counter() - train['start'])
   left = ((int(config.train.num_epochs) - run.epoch - 1)

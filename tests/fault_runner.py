@@ -1,13 +1,15 @@
 """Runs a gear_jax command line with a fault injected at a training step (test side).
 
   python tests/fault_runner.py --at_step N [--in_eval] --signal KILL|INT|TERM [--twice]
-      -- gear_jax.train --config configs/test.py --workdir DIR ...
+      [--after_saves] -- gear_jax.train --config configs/test.py --workdir DIR ...
 
 The trainer's compiled step is wrapped (by patching `trainer._build`; nothing in the
 package reads an environment variable for this) so that right after the N-th training
 step this process runs, it sends itself the signal: SIGKILL to test resumption after a hard kill,
 SIGINT / SIGTERM to test the clean stop (with --twice, a second SIGINT right after).
-With --in_eval the N-th evaluation batch is the moment instead.
+With --in_eval the N-th evaluation batch is the moment instead; with --after_saves the
+signal waits until the checkpoints being written have committed (a kill at a moment
+when the newest save is on disk).
 """
 
 import argparse
@@ -23,6 +25,7 @@ def main() -> None:
   parser.add_argument('--signal', default='KILL', choices=['KILL', 'INT', 'TERM'])
   parser.add_argument('--twice', action='store_true')
   parser.add_argument('--in_eval', action='store_true')
+  parser.add_argument('--after_saves', action='store_true')
   parser.add_argument('module')
   parser.add_argument('args', nargs=argparse.REMAINDER)
   opts = parser.parse_args()
@@ -40,6 +43,8 @@ def main() -> None:
       out = step_fn(*a)
       done[0] += 1
       if done[0] == opts.at_step:
+        if opts.after_saves:
+          run.store.wait()
         os.kill(os.getpid(), signum)
         if opts.twice:
           os.kill(os.getpid(), signum)

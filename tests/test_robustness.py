@@ -244,6 +244,10 @@ def _resume_matches(args, workdir, ref) -> None:
   again = run_module('gear_jax.train', *args, '--workdir', str(workdir))
   assert again.returncode == 0, again.stderr[-3000:]
   assert _metrics(workdir) == _metrics(ref)
+  summary, want = (json.loads((w / 'summary.json').read_text()) for w in (workdir, ref))
+  assert {k: v for k, v in summary.items() if k != 'num_params'} == \
+      {k: v for k, v in want.items() if k != 'num_params'}
+  return again
 
 
 def _fault(args, workdir, at_step, sig, *extra):
@@ -258,12 +262,18 @@ def test_interrupt_stops_at_a_step_boundary(three_epochs, tmp_path, sig, code):
   args = [*args, '--config.train.num_epochs=4']
   out = _fault(args, tmp_path, 15, sig)  # in epoch 1 (10 steps an epoch)
   assert out.returncode == code, out.stderr[-3000:]
+  # the stop saves the step it stopped at: the rerun continues inside the epoch
   assert _interrupt_lines(out.stderr) == [
-      'interrupted at epoch 1 step 15; rerun the same command to resume from step 10'
+      'interrupted at epoch 1 step 15; rerun the same command to resume from step 15'
   ], out.stderr[-3000:]
   assert not [p for p in (tmp_path / 'checkpoints').iterdir() if 'tmp' in p.name]
-  if sig == 'INT':  # the resume itself is the same after either signal
-    _resume_matches(args, tmp_path, ref)
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [10, 15]
+  record = json.loads((tmp_path / 'run.json').read_text())['latest_checkpoint']
+  assert record == dict(step=15, epoch=1, micro_batch=5)
+  if sig == 'TERM':  # the resume itself is the same after either signal
+    again = _resume_matches(args, tmp_path, ref)
+    assert ('resuming from checkpoint step 15 (in epoch 1 after 5 of its 10 '
+            'micro-batches') in again.stdout
 
 
 @pytest.mark.slow
@@ -273,7 +283,7 @@ def test_interrupt_during_evaluation(three_epochs, tmp_path):
   out = _fault(args, tmp_path, 5, 'INT', '--in_eval')  # 3 batches an evaluation
   assert out.returncode == 130, out.stderr[-3000:]
   assert _interrupt_lines(out.stderr) == [
-      'interrupted at epoch 1 step 20; rerun the same command to resume from step 10'
+      'interrupted at epoch 1 step 20; rerun the same command to resume from step 20'
   ], out.stderr[-3000:]
   assert [r['epoch'] for r in run_log.read_metrics(str(tmp_path))] == [0]
   _resume_matches(args, tmp_path, ref)
@@ -285,8 +295,48 @@ def test_second_interrupt_exits_at_once(three_epochs, tmp_path):
   args = [*args, '--config.train.num_epochs=4']
   out = _fault(args, tmp_path, 25, 'INT', '--twice')
   assert out.returncode == 130
-  assert 'second interrupt' in out.stderr and 'Traceback' not in out.stderr
+  assert 'second SIGINT: exiting now' in out.stderr and 'Traceback' not in out.stderr
+  assert '25' not in os.listdir(tmp_path / 'checkpoints')
   _resume_matches(args, tmp_path, ref)
+
+
+@pytest.mark.slow
+def test_mid_epoch_checkpoints_resume_exactly(three_epochs, tmp_path):
+  """train.checkpoint_every_steps saves inside epochs; a SIGKILL after such a save
+  resumes from it (not the epoch start) and ends exactly like an uninterrupted run."""
+  _, ref, args = three_epochs
+  args = [*args, '--config.train.num_epochs=4', '--config.train.checkpoint_every_steps=3']
+  out = _fault(args, tmp_path, 17, 'KILL', '--after_saves')  # saved 3, 6, 9, 10, 12, 15
+  assert out.returncode == -9
+  assert 'checkpoint: step 15 (epoch 1, micro-batch 5 of 10)' in out.stdout
+  kept = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir())
+  assert kept == [10, 12, 15]  # the two newest and the best
+  again = _resume_matches(args, tmp_path, ref)
+  assert 'resuming from checkpoint step 15 (in epoch 1 after 5 of its 10' in again.stdout
+
+
+@pytest.mark.slow
+def test_damaged_newest_and_best_falls_back_to_the_previous(data_args, tmp_path):
+  """A run whose newest checkpoint is also its best keeps the previous one beside it:
+  when the newest is damaged, a resume falls back to it."""
+  ref, work = tmp_path / 'ref', tmp_path / 'work'
+  for workdir, epochs in ((ref, 4), (work, 3)):
+    out = run_module('gear_jax.train', *data_args, f'--config.train.num_epochs={epochs}',
+                     '--workdir', str(workdir))
+    assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads((work / 'summary.json').read_text())['best_step'] == 30
+  assert sorted(os.listdir(work / 'checkpoints')) == ['20', '30']
+  _damage(work, 30)
+  out = run_module('gear_jax.evaluate', '--workdir', str(work), '--checkpoint', 'latest')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert _error_lines(out.stderr)[0].startswith('error: checkpoint step 30 in ')
+  out = run_module('gear_jax.train', *data_args, '--config.train.num_epochs=4',
+                   '--workdir', str(work))
+  assert out.returncode == 0, out.stderr[-3000:]
+  warnings = [l for l in _error_lines(out.stderr) if l.startswith('warning:')]
+  assert len(warnings) == 1 and 'checkpoint step 30' in warnings[0]
+  assert 'resuming from step 20' in warnings[0]
+  assert _metrics(work) == _metrics(ref)
 
 
 @pytest.mark.slow
