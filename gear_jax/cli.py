@@ -6,7 +6,15 @@
   on stderr and exits with status 2; any other exception is a bug and keeps its
   traceback;
 - `Interrupted` (a clean stop after SIGINT / SIGTERM, see `GracefulStop`) prints its one
-  line and exits with 128 + the signal number (130 / 143).
+  line and exits with 128 + the signal number (130 / 143);
+- `PeerLost` (another process of a multi-process run died or cannot be reached, see
+  `gear_jax.parallel.peer_guard`) prints ``error: <message>`` and exits with status 75
+  (`EXIT_PEER_LOST`, EX_TEMPFAIL: rerun all processes to resume) at once, without
+  Python's exit handlers: JAX's shutdown barrier would wait for the lost process and
+  then abort.
+In a multi-process run a user error or a bug also leaves at once (same status and
+output as above), so that the other processes see it as a lost process within seconds
+instead of waiting for this one in the shutdown barrier.
 Library functions never install signal handlers; the command lines do, here.
 """
 
@@ -21,7 +29,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from gear_jax.errors import Interrupted, UserError, is_failed_read_echo
+from gear_jax.errors import (EXIT_PEER_LOST, Interrupted, PeerLost, UserError,
+                             is_failed_read_echo)
 
 
 def run(main_fn: Callable[[list[str]], None], define_flags: Callable[[], None]) -> None:
@@ -118,18 +127,67 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     logging.getLogger('asyncio').addFilter(drop_failed_read_echoes)
     try:
       fn(argv)
+    except PeerLost as e:
+      _leave(EXIT_PEER_LOST, f'error: {e}')
     except UserError as e:
+      _leave_if_distributed(2, f'error: {e}')
       print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(2)
     except Interrupted as e:
+      # every process stops at the same step: they leave through the shutdown barrier
+      _exiting(e.exit_code)
       print(str(e) or 'interrupted', file=sys.stderr, flush=True)
       sys.exit(e.exit_code)
+    except SystemExit as e:
+      _exiting(e.code if isinstance(e.code, int) else 1)
+      raise
+    except BaseException as e:
+      parallel = _parallel()
+      if parallel is not None and parallel.is_peer_failure(e):
+        # a lost process that showed outside `peer_guard` (or in a cleanup after it)
+        _leave(EXIT_PEER_LOST, 'error: ' + parallel.peer_lost_message(e))
+      if parallel is not None and parallel.distributed_started():
+        sys.excepthook(type(e), e, e.__traceback__)  # the bug's traceback, as usual
+        _leave(130 if isinstance(e, KeyboardInterrupt) else 1)
+      _exiting(130 if isinstance(e, KeyboardInterrupt) else 1)
+      raise
+    else:
+      _exiting(0)
     finally:
       # A dropped read keeps its exception in a reference cycle (task <-> traceback)
       # that only the cyclic collector frees; collected at interpreter shutdown, it
       # would be printed by Python's default hook, past the filter above.
       gc.collect()
   return wrapped
+
+
+def _parallel():
+  """gear_jax.parallel if this process imported it (it imports JAX: a command line
+  that never did has no distributed runtime to care about)."""
+  return sys.modules.get('gear_jax.parallel')
+
+
+def _exiting(code: int) -> None:
+  if (parallel := _parallel()) is not None:
+    parallel.exiting(code)
+
+
+def _leave(code: int, line: str | None = None):
+  """Ends the process at once: `line` on stderr, stdout and stderr flushed, no exit
+  handlers (`gear_jax.parallel.leave`)."""
+  if (parallel := _parallel()) is not None:
+    parallel.leave(code, line)
+  if line:
+    print(line, file=sys.stderr)
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(OSError, ValueError):
+      stream.flush()
+  os._exit(code)
+
+
+def _leave_if_distributed(code: int, line: str) -> None:
+  if (parallel := _parallel()) is not None and parallel.distributed_started():
+    _leave(code, line)
 
 
 def drop_failed_read_echoes(record: logging.LogRecord) -> bool:
@@ -143,9 +201,10 @@ class GracefulStop:
   """SIGINT / SIGTERM handlers for a run (a context manager; restores the old ones).
 
   The first signal only records itself (`signum`); the training and evaluation loops
-  look at `requested` at every step boundary and stop cleanly there. A second SIGINT
-  ends the process at once (exit 130) without unwinding anything: whatever a resume
-  needs is on disk already (orbax commits a checkpoint by an atomic rename)."""
+  look at `requested` at every step boundary, save that step and stop cleanly there. A
+  second signal (SIGINT or SIGTERM) ends the process at once (exit 128 + its number)
+  without unwinding anything: the previous checkpoint is then the resume point (orbax
+  commits a checkpoint by an atomic rename)."""
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -159,19 +218,24 @@ class GracefulStop:
 
   def _handle(self, signum, frame):
     del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      os.write(2, b'\nsecond interrupt: exiting now\n')
+    if self.signum is not None:
+      os.write(2, f'\nsecond {signal.Signals(signum).name}: exiting now\n'.encode())
       os._exit(128 + signum)
-    if self.signum is None:
-      self.signum = signum
-      name = signal.Signals(signum).name
-      os.write(2, f'\n{name}: stopping at the next step boundary (Ctrl-C again to '
-                  'exit at once)\n'.encode())
+    self.signum = signum
+    name = signal.Signals(signum).name
+    os.write(2, f'\n{name}: stopping at the next step boundary (a second signal '
+                'exits at once)\n'.encode())
 
   def __enter__(self) -> GracefulStop:
     for s in self.SIGNALS:
       self._previous[s] = signal.signal(s, self._handle)
     return self
+
+  def rearm(self) -> None:
+    """Installs the handlers again: JAX's distributed runtime installs a SIGTERM
+    handler of its own (its preemption notifier) when a multi-process run starts."""
+    for s in self.SIGNALS:
+      signal.signal(s, self._handle)
 
   def __exit__(self, *exc) -> None:
     for s, handler in self._previous.items():

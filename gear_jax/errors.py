@@ -4,6 +4,10 @@ The command lines (`gear_jax.cli.main`) print a `UserError` as ``error: <message
 plus a ``  -> <fix>`` line and exit with status 2; any other exception is a bug and
 keeps its traceback. Messages name what is wrong (file, line, field, checkpoint step,
 config key) and the fix says what to do about it.
+
+`PeerLost` is not a user error: another process of a multi-process run died or became
+unreachable. The command lines print it as one ``error:`` line and exit with
+`EXIT_PEER_LOST` (75, EX_TEMPFAIL: rerunning all processes resumes the run).
 """
 
 from __future__ import annotations
@@ -47,6 +51,17 @@ class RunLocked(UserError):
 
 class TrainingDiverged(UserError, FloatingPointError):
   """A non-finite loss or gradient; nothing of the bad step was saved."""
+
+
+EXIT_PEER_LOST = 75  # EX_TEMPFAIL (sysexits.h): "try again later"; a scheduler requeues
+
+
+class PeerLost(Exception):
+  """Another process of the run died or cannot be reached (`gear_jax.parallel.peer_guard`
+  raises it); the message says what was lost, at which step, and where a rerun of all
+  processes resumes. Exit status `EXIT_PEER_LOST`."""
+
+  exit_code = EXIT_PEER_LOST
 
 
 class Interrupted(Exception):

@@ -531,6 +531,8 @@ def train_and_evaluate(config, workdir: str, *, stop=None) -> dict:
   parallel.initialize_distributed(config.distributed.coordinator,
                                   int(config.distributed.num_processes),
                                   int(config.distributed.process_id))
+  if stop is not None and hasattr(stop, 'rearm'):
+    stop.rearm()  # over the SIGTERM handler the distributed runtime installs
   workdir = os.path.abspath(workdir)
   lock = (WorkdirLock(workdir, 'train') if jax.process_index() == 0
           else contextlib.nullcontext())

@@ -97,3 +97,36 @@ def test_two_processes_match_one(data_file, tmp_path):
         assert abs(v - b[k]) < TOL, (k, v, b[k])
   assert (tmp_path / 'two' / 'summary.json').exists()
   assert not np.isnan(two[-1]['train/loss'])
+
+
+def _two(common, workdir, fault=None):
+  """Runs train as two processes; `fault` = fault_runner arguments for process 1."""
+  env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{_free_port()}',
+             JAX_NUM_PROCESSES='2')
+  cmds = [['-m', 'gear_jax.train'], ['-m', 'gear_jax.train']]
+  if fault:
+    cmds[1] = ['-m', 'tests.fault_runner', *fault, 'gear_jax.train', '--']
+  procs = [subprocess.Popen([sys.executable, *cmd, *common, '--workdir', str(workdir)],
+                            cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i, cmd in enumerate(cmds)]
+  return [(p.wait(timeout=600), *p.communicate()) for p in procs]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(data_file, tmp_path):
+  common = ['--config', 'configs/test.py', f'--config.data.path={data_file}',
+            f'--config.data.cache_dir={tmp_path / "cache"}', '--config.train.num_epochs=3']
+  ref = _two(common, tmp_path / 'ref')
+  assert [r[0] for r in ref] == [0, 0], ref[0][2][-2000:]
+  stopped = _two(common, tmp_path / 'run', fault=['--at_step', '15', '--signal', 'TERM'])
+  assert [r[0] for r in stopped] == [143, 143], (stopped[0][2][-2000:], stopped[1][2][-2000:])
+  lines = [[l for l in err.splitlines() if l.startswith('interrupted')] for _, _, err in stopped]
+  assert lines[0] == lines[1] == [
+      'interrupted at epoch 1 step 15; rerun the same command to resume from step 15']
+  again = _two(common, tmp_path / 'run')
+  assert [r[0] for r in again] == [0, 0], again[0][2][-2000:]
+  assert 'resuming from checkpoint step 15 (in epoch 1' in again[0][1]
+  timing = ('train_s', 'eval_s', 'train/seq_per_s')
+  rows = [[{k: v for k, v in r.items() if k not in timing}
+           for r in run_log.read_metrics(str(tmp_path / w))] for w in ('ref', 'run')]
+  assert rows[0] == rows[1]
