@@ -357,6 +357,7 @@ def _one_line(text: str, limit: int = 240) -> str:
   payload dumps."""
   text = text.split('absl::Status: ', 1)[-1]
   text = re.sub(r'\[[\w./+-]+\.(?:cc|h|cpp|cu):\d+\]\s*', '', text)
+  text = re.sub(r'\b[\w./+-]+\.(?:cc|h|cpp|cu):\d+:\s*', '', text)
   text = re.sub(r'\s*\[type\.googleapis\.com/[^\]]*\]', '', text)
   text = re.sub(r'^\s*(?:UNKNOWN|INTERNAL):\s*', '', text)
   grpc = re.search(r'grpc_message:"([^"]*)"', text)
@@ -598,9 +599,6 @@ class _RuntimeWatch:
 
   def _line(self, raw: bytes) -> None:
     text = raw.decode('utf-8', 'replace').rstrip('\n')
-    if _DEBUG:
-      with open(_DEBUG, 'a') as f:
-        f.write(f'{time.time():.3f} lost={self.lost_at is not None} {text}\n')
     m = _GLOG.match(text)
     if self.lost_at is not None:
       if len(self.dropped) < 200:
@@ -708,5 +706,4 @@ def _delay_aborts() -> None:
     pass
 
 
-_DEBUG = os.environ.get('GEAR_JAX_WATCH_DEBUG')
 _watch = _RuntimeWatch()

@@ -73,11 +73,12 @@ def test_workdir_record(baseline):
   assert summary['best_val'] == {k: v for k, v in best.items() if k.startswith('val/')}
   assert json.loads((workdir / 'summary.json').read_text()) == json.loads(
       json.dumps(summary))
-  # orbax keeps exactly the best and the latest
+  # orbax keeps exactly the best, the latest and the one before it (its fallback)
   store = ckpt_lib.CheckpointStore(str(workdir), read_only=True)
   assert store.latest_step() == records[-1]['step']
   assert store.best_step() == best['step']
-  assert sorted(store.all_steps()) == sorted({best['step'], records[-1]['step']})
+  assert sorted(store.all_steps()) == sorted(
+      {best['step'], records[-1]['step'], records[-2]['step']})
   meta = store.read_meta(store.latest_step())
   assert meta['epoch'] == 3 and meta['config']['seed'] == 0
   # TensorBoard events
