@@ -140,6 +140,13 @@ KEYS: tuple[Key, ...] = (
         resumable=True),
     Key('distributed.process_id', -1, "this process's index (-1: from the env)",
         resumable=True),
+    Key('distributed.init_timeout_s', 300.0, 'seconds to wait for every process to join',
+        minimum=1, resumable=True),
+    Key('distributed.heartbeat_timeout_s', 10.0, 'a process silent this long is lost: '
+        'the others exit 75 (also catches a frozen one)', minimum=1, resumable=True),
+    Key('distributed.shutdown_timeout_s', 120.0, 'how far apart the processes may finish '
+        'a run (longer than process 0 writing its summary and report)', minimum=1,
+        resumable=True),
 )
 TABLE: dict[str, Key] = {k.name: k for k in KEYS}
 

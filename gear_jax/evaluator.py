@@ -103,9 +103,9 @@ def evaluate_run(config, workdir: str, *, checkpoint: str = 'best', split: str =
     config.eval.other_protocol = False
     config.eval.monitor = 'val/NDCG@10'
   defaults.validate_config(config)
-  parallel.initialize_distributed(config.distributed.coordinator,
-                                  int(config.distributed.num_processes),
-                                  int(config.distributed.process_id))
+  parallel.initialize_distributed(
+      config.distributed.coordinator, int(config.distributed.num_processes),
+      int(config.distributed.process_id), **parallel.timeouts(config.distributed))
   data, _ = load_dataset(config.data)
   mesh = parallel.make_mesh(int(config.mesh.data), int(config.mesh.model))
   trained = rundir.load_trained(config, workdir, data, mesh, checkpoint)

@@ -57,6 +57,15 @@ HEARTBEAT_TIMEOUT_S = 10
 SHUTDOWN_TIMEOUT_S = 120
 
 
+def timeouts(distributed_config) -> dict[str, float]:
+  """The runtime's timeouts from ``config.distributed`` (keys missing from an older
+  run's config keep this module's defaults)."""
+  get = distributed_config.get
+  return dict(init_timeout_s=float(get('init_timeout_s', INIT_TIMEOUT_S)),
+              heartbeat_timeout_s=float(get('heartbeat_timeout_s', HEARTBEAT_TIMEOUT_S)),
+              shutdown_timeout_s=float(get('shutdown_timeout_s', SHUTDOWN_TIMEOUT_S)))
+
+
 def initialize_distributed(coordinator: str = '', num_processes: int = 0,
                            process_id: int = -1, *,
                            init_timeout_s: float = INIT_TIMEOUT_S,

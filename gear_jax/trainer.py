@@ -528,9 +528,9 @@ def train_and_evaluate(config, workdir: str, *, stop=None) -> dict:
   defaults.validate_config(config)
   # before the backend starts, too (XLA reads XLA_FLAGS once); see gear_jax/backend.py
   determinism = backend.configure_determinism(bool(config.train.deterministic_ops))
-  parallel.initialize_distributed(config.distributed.coordinator,
-                                  int(config.distributed.num_processes),
-                                  int(config.distributed.process_id))
+  parallel.initialize_distributed(
+      config.distributed.coordinator, int(config.distributed.num_processes),
+      int(config.distributed.process_id), **parallel.timeouts(config.distributed))
   if stop is not None and hasattr(stop, 'rearm'):
     stop.rearm()  # over the SIGTERM handler the distributed runtime installs
   workdir = os.path.abspath(workdir)
@@ -539,14 +539,26 @@ def train_and_evaluate(config, workdir: str, *, stop=None) -> dict:
   with lock:
     run = _build(config, workdir)
     run.backend['xla_gpu_deterministic_ops'] = determinism
-    try:
-      _restore_or_init(run)
-      for epoch in range(run.start_epoch, int(config.train.num_epochs)):
-        if run.es.should_stop:
-          break
-        run.epoch = epoch
-        _evaluate_and_checkpoint(run, _train_epoch(run, stop), stop)
-      return _summarize(run)
-    finally:
-      run.store.close()  # waits for a save in flight
-      run.log.close()
+    with parallel.peer_guard(_describe_peer_lost(run)):
+      try:
+        _restore_or_init(run)
+        for epoch in range(run.start_epoch, int(config.train.num_epochs)):
+          if run.es.should_stop:
+            break
+          run.epoch = epoch
+          _evaluate_and_checkpoint(run, _train_epoch(run, stop), stop)
+        return _summarize(run)
+      finally:
+        run.store.close()  # waits for a save in flight
+        run.log.close()
+
+
+def _describe_peer_lost(run: _Run):
+  """The message of `parallel.peer_guard`; only reads state (it may run on the watch
+  thread while the loop is stuck in a collective). The resume step is the newest
+  committed checkpoint (orbax renames a step directory when it commits)."""
+  def describe(exc: BaseException) -> str:
+    committed = ckpt_lib.step_dirs(run.store.directory)
+    return parallel.peer_lost_message(exc, step=run.step, epoch=run.epoch,
+                                      resume_step=max(committed, default=0))
+  return describe
