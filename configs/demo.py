@@ -28,4 +28,9 @@ def get_config(model: str = 'gear'):
   config.train.batch_size = 64
   config.train.num_epochs = 30  # patience 30: the first epochs sit at the popularity level
   config.eval.other_protocol = True  # also full-catalogue ranking (val_full/...)
+  if model == 'gear':  # gear_jax.tune: the default space, capped at d_model 64 / 4 layers
+    config.tune.space = ('model.d_model: choice(32, 64)', 'model.n_head: choice(1, 2, 4)',
+                         'model.n_layer: choice(1, 2, 4)',
+                         'model.dropout: uniform(0.0, 0.4)',
+                         'train.lr: loguniform(1e-4, 3e-3)', 'train.alpha: uniform(0.0, 0.5)')
   return config

@@ -30,4 +30,8 @@ def get_config(model: str = 'gear'):
   config.eval.num_negatives = 20
   config.eval.ks = (1, 5, 10)
   config.eval.full_chunk = 64
+  # gear_jax.tune: a space of two small settings, so a trial takes seconds
+  config.tune.space = ('model.d_model: choice(8, 16)', 'train.lr: loguniform(3e-4, 1e-2)')
+  config.tune.startup_trials = 2
+  config.tune.warmup_epochs = 1
   return config

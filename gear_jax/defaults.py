@@ -48,6 +48,18 @@ def _model_names() -> tuple:
 
 _CSV_COLUMNS = ('user', 'item', 'behavior', 'timestamp')
 
+# The search space of gear_jax.tune for each model (docs/tuning.md): 'key: distribution'
+# entries; a model without its own (a registered one) gets the SASRec space, which
+# names no GEAR-only key.
+TUNE_SPACES: dict[str, tuple[str, ...]] = {
+    'gear': ('model.d_model: choice(32, 64, 128)', 'model.n_head: choice(1, 2, 4)',
+             'model.n_layer: choice(1, 2, 4, 6)', 'model.dropout: uniform(0.0, 0.4)',
+             'train.lr: loguniform(1e-4, 3e-3)', 'train.alpha: uniform(0.0, 0.5)'),
+    'sasrec': ('model.d_model: choice(32, 64, 128)', 'model.n_head: choice(1, 2, 4)',
+               'model.n_layer: choice(1, 2, 4, 6)', 'model.dropout: uniform(0.0, 0.4)',
+               'train.lr: loguniform(1e-4, 3e-3)'),
+}
+
 KEYS: tuple[Key, ...] = (
     Key('seed', 42, 'parameters, dropout, data order and negatives all derive from it'),
     # -- data
@@ -147,6 +159,15 @@ KEYS: tuple[Key, ...] = (
     Key('distributed.shutdown_timeout_s', 120.0, 'how far apart the processes may finish '
         'a run (longer than process 0 writing its summary and report)', minimum=1,
         resumable=True),
+    # -- hyper-parameter search (gear_jax.tune; a trial's own training ignores these)
+    Key('tune.space', TUNE_SPACES['gear'], "'key: choice(a, b, ...)', 'key: uniform(lo, "
+        "hi)', 'key: loguniform(lo, hi)' or 'key: int(lo, hi[, step])' entries; SASRec's "
+        'default has no train.alpha', resumable=True),
+    Key('tune.startup_trials', 5, 'trials sampled at random before TPE models the '
+        'results, and finished before the median pruner prunes', minimum=0,
+        resumable=True),
+    Key('tune.warmup_epochs', 2, 'epochs every trial runs before it may be pruned',
+        minimum=0, resumable=True),
 )
 TABLE: dict[str, Key] = {k.name: k for k in KEYS}
 
@@ -184,6 +205,7 @@ def use_model(config: ml_collections.ConfigDict, name: str) -> None:
   config.model.name = name
   for k, v in registry.model_defaults(name).items():
     config.model[k] = v
+  config.tune.space = TUNE_SPACES.get(name, TUNE_SPACES['sasrec'])
 
 
 # -- flat views ---------------------------------------------------------------------------

@@ -4,7 +4,8 @@
   python -m gear_jax.report --workdir runs/a runs/b ... --output DIR
 
 One workdir: ``report.md`` and its figures (``report_curves.png``, ``report_at_k.png``)
-in the workdir (or --output). Several: one comparison table and overlaid curves, seeds
+in the workdir (or --output). The workdir of a study (``gear_jax.tune``, it holds
+tune.json): the study's report.md, figures and best.json in the workdir. Several: one comparison table and overlaid curves, seeds
 grouped as mean ± std. The trainer writes the report at the end of every run; this
 command regenerates it at any time, also while a run is going (the report then says it
 is partial). The library is `gear_jax.reporting` (docs/reports.md).
@@ -12,6 +13,7 @@ is partial). The library is `gear_jax.reporting` (docs/reports.md).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -33,6 +35,13 @@ def main(argv):
   from gear_jax import reporting
   f = flags.FLAGS
   workdirs = list(f.workdir) + list(argv[1:])
+  if len(workdirs) == 1 and _is_study(workdirs[0]):
+    from gear_jax.tuning import report
+    if f.output:
+      raise UserError('the report of a study is written in its workdir; drop --output')
+    path, best = report.write(workdirs[0])
+    print(f'wrote {path}' + (f' and {best}' if best else ''), file=sys.stderr)
+    return
   if len(workdirs) == 1:
     record = reporting.load_run(workdirs[0])
     for n in record.notices:
@@ -43,6 +52,11 @@ def main(argv):
       raise UserError('a comparison of several runs needs --output DIR')
     path = reporting.write_comparison(workdirs, f.output)
   print(f'wrote {path}', file=sys.stderr)
+
+
+def _is_study(workdir: str) -> bool:
+  from gear_jax.tuning import runner
+  return os.path.exists(os.path.join(workdir, runner.TUNE_RECORD))
 
 
 if __name__ == '__main__':

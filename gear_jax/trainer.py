@@ -107,6 +107,8 @@ class _Run:
   last_record: dict | None = None  # metrics of the last finished epoch
   last_save: float = dataclasses.field(default_factory=time.monotonic)
   latest_save: dict | None = None  # where the newest checkpoint is (run.json)
+  on_epoch: Any = None  # called with each epoch's metrics record; a reason stops the run
+  stopped_by: str | None = None  # that reason (summary.json's 'stopped_by')
   started: str = dataclasses.field(
       default_factory=lambda: time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
 
@@ -477,6 +479,9 @@ def _evaluate_and_checkpoint(run: _Run, train: dict, stop) -> None:
        f'{train_s:.1f}s eval {val_s:.1f}s  eta <= {run_log.format_seconds(left)}')
   if es.should_stop:
     _log(f'early stopping: no improvement of {monitor} for {es.patience} epochs')
+  elif run.on_epoch is not None and (reason := run.on_epoch(dict(record))):
+    run.stopped_by = str(reason)
+    _log(f'stopping after epoch {run.epoch}: {reason}')
 
 
 def _summarize(run: _Run) -> dict:
@@ -489,6 +494,8 @@ def _summarize(run: _Run) -> dict:
              'best_val': es.best_metrics,
              'epochs_run': len(run_log.read_metrics(run.workdir)) if is_main else None,
              'early_stopped': es.should_stop, 'num_params': run.n_params}
+  if run.stopped_by:
+    summary['stopped_by'] = run.stopped_by
   if run.data.split == 'val_test' and es.best_step >= 0:
     best_params = run.store.restore(
         es.best_step, params_target=ckpt_lib.abstract(run.state.params))['params']
@@ -516,10 +523,14 @@ def _write_report(workdir: str) -> None:
 
 # -- the whole run ----------------------------------------------------------------------
 
-def train_and_evaluate(config, workdir: str, *, stop=None) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop=None, on_epoch=None) -> dict:
   """Trains with early stopping, keeps the best and latest checkpoints, and writes
   config.json, metrics.jsonl, TensorBoard events and summary.json to `workdir`.
   Returns the summary.
+
+  `on_epoch(record)` (e.g. a tuner's pruning check) is called after each epoch's
+  checkpoint with its metrics record; when it returns a reason (a string), the run
+  ends there as early stopping would, and summary.json says ``stopped_by``.
 
   `stop` (e.g. `gear_jax.cli.GracefulStop`) is looked at at every step boundary: once
   it is `requested`, the run waits for the checkpoint in flight and raises
@@ -539,11 +550,12 @@ def train_and_evaluate(config, workdir: str, *, stop=None) -> dict:
   with lock:
     run = _build(config, workdir)
     run.backend['xla_gpu_deterministic_ops'] = determinism
+    run.on_epoch = on_epoch
     with parallel.peer_guard(_describe_peer_lost(run)):
       try:
         _restore_or_init(run)
         for epoch in range(run.start_epoch, int(config.train.num_epochs)):
-          if run.es.should_stop:
+          if run.es.should_stop or run.stopped_by:
             break
           run.epoch = epoch
           _evaluate_and_checkpoint(run, _train_epoch(run, stop), stop)

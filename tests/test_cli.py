@@ -52,6 +52,11 @@ CASES = {
                                         NO_WORKDIR + '.jaxexport', TYPO], TYPO_LINE),
     'sweep_typo': ('gear_jax.sweep', ['--config', TEST_CONFIG, '--workdir', NO_WORKDIR,
                                       TYPO], TYPO_LINE),
+    'tune_typo': ('gear_jax.tune', ['--config', TEST_CONFIG, '--workdir', NO_WORKDIR,
+                                    TYPO], TYPO_LINE),
+    'tune_bad_trials': ('gear_jax.tune', ['--config', TEST_CONFIG, '--workdir', NO_WORKDIR,
+                                          '--trials=0'],
+                        'error: --trials=0: 0 is not a positive integer'),
     'baselines_bad_float': ('gear_jax.baselines', ['--config', TEST_CONFIG, '--workdir',
                                                    NO_WORKDIR, BAD_FLOAT], BAD_FLOAT_LINE),
     'stats_typo': ('gear_jax.data.stats', ['--config', TEST_CONFIG, TYPO], TYPO_LINE),
@@ -113,8 +118,11 @@ def test_sasrec_variant_is_the_base_file_with_sasrec_settings(base):
   assert gear['model.name'] == 'gear'
   assert set(variant) == set(gear)
   assert {k: variant[k] for k in SASREC} == SASREC
-  assert {k: v for k, v in variant.items() if k not in SASREC} == \
-      {k: v for k, v in gear.items() if k not in SASREC}
+  # the model's own settings and its search space (SASRec's has no train.alpha) differ
+  own = {*SASREC, 'tune.space'}
+  assert {k: v for k, v in variant.items() if k not in own} == \
+      {k: v for k, v in gear.items() if k not in own}
+  assert not any('alpha' in entry for entry in variant['tune.space'])
   # the file's own settings hold in the variant too (not the package defaults)
   if base == 'demo':
     assert variant['data.synthetic.preset'] == 'demo' and variant['train.batch_size'] == 64
