@@ -116,7 +116,7 @@ def _two(common, workdir, fault=None):
 
 def _common(data_file, tmp_path, *extra):
   return ['--config', 'configs/test.py', f'--config.data.path={data_file}',
-          f'--config.data.cache_dir={tmp_path / "cache"}', '--config.train.num_epochs=3',
+          f'--config.data.cache_dir={tmp_path / "cache"}', '--config.train.num_epochs=2',
           *extra]
 
 
@@ -130,7 +130,7 @@ def _rows(workdir):
 
 @pytest.fixture(scope='module')
 def two_process_reference(data_file, tmp_path_factory):
-  """An uninterrupted three-epoch two-process run: the metrics every fault must end with."""
+  """An uninterrupted two-epoch two-process run: the metrics every fault must end with."""
   tmp_path = tmp_path_factory.mktemp('ref2')
   ref = _two(_common(data_file, tmp_path), tmp_path / 'ref')
   assert [r[0] for r in ref] == [0, 0], ref[0][2][-2000:]
@@ -154,7 +154,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(data_file, tmp_path,
 def test_sigkill_of_one_process_then_a_rerun_of_both(data_file, tmp_path,
                                                      two_process_reference):
   """The survivor of a killed peer exits 75 with one line; a rerun ends as if uninterrupted."""
-  common = _common(data_file, tmp_path, '--config.train.checkpoint_every_steps=4')
+  # a short heartbeat timeout: the survivor may notice the loss by the missing heartbeats
+  common = _common(data_file, tmp_path, '--config.train.checkpoint_every_steps=4',
+                   '--config.distributed.heartbeat_timeout_s=3')
   killed = _two(common, tmp_path / 'run', fault=['--at_step', '14', '--signal', 'KILL'])
   assert [r[0] for r in killed] == [75, -9], killed[0][2][-2000:]
   err = killed[0][2]
