@@ -51,13 +51,12 @@ _CSV_COLUMNS = ('user', 'item', 'behavior', 'timestamp')
 # The search space of gear_jax.tune for each model (docs/tuning.md): 'key: distribution'
 # entries; a model without its own (a registered one) gets the SASRec space, which
 # names no GEAR-only key.
+_SEQUENCE_SPACE = ('model.d_model: choice(32, 64, 128)', 'model.n_head: choice(1, 2, 4)',
+                   'model.n_layer: choice(1, 2, 4, 6)', 'model.dropout: uniform(0.0, 0.4)',
+                   'train.lr: loguniform(1e-4, 3e-3)')
 TUNE_SPACES: dict[str, tuple[str, ...]] = {
-    'gear': ('model.d_model: choice(32, 64, 128)', 'model.n_head: choice(1, 2, 4)',
-             'model.n_layer: choice(1, 2, 4, 6)', 'model.dropout: uniform(0.0, 0.4)',
-             'train.lr: loguniform(1e-4, 3e-3)', 'train.alpha: uniform(0.0, 0.5)'),
-    'sasrec': ('model.d_model: choice(32, 64, 128)', 'model.n_head: choice(1, 2, 4)',
-               'model.n_layer: choice(1, 2, 4, 6)', 'model.dropout: uniform(0.0, 0.4)',
-               'train.lr: loguniform(1e-4, 3e-3)'),
+    'gear': _SEQUENCE_SPACE + ('train.alpha: uniform(0.0, 0.5)',),
+    'sasrec': _SEQUENCE_SPACE,
 }
 
 KEYS: tuple[Key, ...] = (

@@ -5,8 +5,8 @@
 
 One workdir: ``report.md`` and its figures (``report_curves.png``, ``report_at_k.png``)
 in the workdir (or --output). The workdir of a study (``gear_jax.tune``, it holds
-tune.json): the study's report.md, figures and best.json in the workdir. Several: one comparison table and overlaid curves, seeds
-grouped as mean ± std. The trainer writes the report at the end of every run; this
+tune.json): the study's report.md, figures and best.json in the workdir. Several: one
+comparison table and overlaid curves, seeds grouped as mean ± std. The trainer writes the report at the end of every run; this
 command regenerates it at any time, also while a run is going (the report then says it
 is partial). The library is `gear_jax.reporting` (docs/reports.md).
 """

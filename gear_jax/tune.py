@@ -48,7 +48,7 @@ def define_flags():
 def main(argv):
   cli.no_arguments(argv)
   from ml_collections import config_flags
-  from gear_jax import defaults
+  from gear_jax import defaults, sweeper
   from gear_jax.tuning import runner, study
   config = cli.config_from_flag()
   defaults.validate_config(config)
@@ -57,18 +57,13 @@ def main(argv):
   workdir = os.path.abspath(FLAGS.workdir)
   opts = runner.Options(
       config_spec=config_flags.get_config_filename(FLAGS['config']),
-      overrides=[f'{k}={_text(v)}' for k, v in cli.override_values().items()],
+      overrides=[f'{k}={sweeper.flag_value(v)}' for k, v in cli.override_values().items()],
       workdir=workdir, trials=FLAGS.trials,
       storage=FLAGS.storage or study.default_storage(workdir),
       study=FLAGS.study or os.path.basename(workdir.rstrip('/')),
       sampler=FLAGS.sampler, pruner=FLAGS.pruner, timeout_minutes=FLAGS.timeout_minutes)
   with cli.GracefulStop() as stop:
     runner.run_study(opts, config, stop)
-
-
-def _text(v) -> str:
-  from gear_jax import sweeper
-  return sweeper.flag_value(v)
 
 
 if __name__ == '__main__':

@@ -37,6 +37,11 @@ def _states(study) -> dict[str, list]:
   return out
 
 
+def state_counts(study) -> dict[str, int]:
+  """{'complete': 9, 'pruned': 3}: the study's trials by state."""
+  return {state: len(trials) for state, trials in _states(study).items()}
+
+
 def best_record(record: dict, study, workdir: str) -> dict | None:
   """best.json: the best complete trial, its settings and value, and the config and
   command that reproduce it."""
@@ -163,9 +168,9 @@ def write(workdir: str) -> tuple[str, str | None]:
   if best is not None:
     best_path = os.path.join(workdir, runner.BEST)
     run_log.write_json(best_path, best)
-  states = {k: len(v) for k, v in _states(study).items()}
+  states = state_counts(study)
   lines = [f"# Study {record['study']}", '',
-           f"Storage `{study_lib._safe(record['storage'])}`; objective: maximise "
+           f"Storage `{study_lib.redacted(record['storage'])}`; objective: maximise "
            f"{study.user_attrs.get(study_lib.OBJECTIVE_ATTR)}; sampler {record['sampler']}, "
            f"pruner {record['pruner']}; {sum(states.values())} of {record['trials']} "
            'trials (' + ', '.join(f'{n} {s}' for s, n in sorted(states.items())) + ').',

@@ -32,7 +32,7 @@ from typing import Any
 
 import optuna
 
-from gear_jax import defaults, run_log
+from gear_jax import run_log
 from gear_jax.errors import ConfigError, Interrupted, RunLocked, TrainingDiverged
 from gear_jax.lock import WorkdirLock
 from gear_jax.tuning import space as space_lib
@@ -111,8 +111,8 @@ def _claim_abandoned(ctx: _Context):
 
 
 def _claim_new(ctx: _Context):
-  """A new trial (None when the study holds --trials trials or the time is up)."""
-  if len(ctx.study.get_trials(deepcopy=False)) >= ctx.opts.trials or _timed_out(ctx):
+  """A new trial (None when the study holds --trials trials)."""
+  if len(ctx.study.get_trials(deepcopy=False)) >= ctx.opts.trials:
     return None
   trial = ctx.study.ask()
   path = trial_dir(ctx.opts.workdir, trial.number)
@@ -121,7 +121,7 @@ def _claim_new(ctx: _Context):
   trial.set_user_attr('seed', int(ctx.base.seed) + trial.number)
   lock = WorkdirLock(path, 'tune')
   lock.acquire()  # a new directory: nobody else can hold it
-  return optuna.trial.Trial(ctx.study, trial._trial_id), lock, False
+  return trial, lock, False
 
 
 def _timed_out(ctx: _Context) -> bool:
@@ -157,7 +157,9 @@ def _pruning_hook(ctx: _Context, trial):
 
 
 def _train(ctx: _Context, trial, params: dict, resumed: bool) -> dict:
-  """The trial's run (or the summary it already wrote: killed before it was told)."""
+  """The trial's run (or the summary it already wrote: killed before it was told).
+  The trainer validates the trial's config first (a `ConfigError` for a combination
+  that is invalid only together, e.g. d_model 32 with 3 heads)."""
   path = trial_dir(ctx.opts.workdir, trial.number)
   done = os.path.join(path, 'summary.json')
   if os.path.exists(done):
@@ -176,7 +178,6 @@ def _finish(ctx: _Context, trial, params: dict, resumed: bool) -> str:
   """Trains the trial and tells the study how it ended; returns the state's name."""
   state = optuna.trial.TrialState
   try:
-    defaults.validate_config(space_lib.with_values(ctx.base, params))
     summary = _train(ctx, trial, params, resumed)
   except (ConfigError, TrainingDiverged) as e:
     trial.set_user_attr('error', e.message)
@@ -200,7 +201,7 @@ def _progress(ctx: _Context, trial, params: dict, outcome: str, seconds: float) 
   st = optuna.trial.TrialState
   frozen = ctx.study.get_trials(deepcopy=False)
   finished = [t for t in frozen if t.state in (st.COMPLETE, st.PRUNED, st.FAIL)]
-  running = sum(t.state == st.RUNNING for t in frozen)
+  running = max(1, sum(t.state == st.RUNNING for t in frozen))
   mine = next((t for t in frozen if t.number == trial.number), None)
   value = f'{mine.value:.4f}' if mine is not None and mine.value is not None else '-'
   complete = [t for t in frozen if t.state == st.COMPLETE]
@@ -208,9 +209,10 @@ def _progress(ctx: _Context, trial, params: dict, outcome: str, seconds: float) 
   best_text = f'best {best.value:.4f} (trial {best.number})' if best else 'no best yet'
   ctx.durations.append(seconds)
   left = max(0, ctx.opts.trials - len(finished))
-  eta = float(sum(ctx.durations) / len(ctx.durations)) * math.ceil(left / max(1, running or 1))
+  eta = sum(ctx.durations) / len(ctx.durations) * math.ceil(left / running)
   if ctx.opts.timeout_minutes > 0:
-    eta = min(eta, max(0.0, ctx.opts.timeout_minutes * 60 - (time.monotonic() - ctx.started)))
+    elapsed = time.monotonic() - ctx.started
+    eta = min(eta, max(0.0, ctx.opts.timeout_minutes * 60 - elapsed))
   print(f'trial {trial.number} {outcome}: {short(params)} -> {ctx.monitor} {value}; '
         f'{best_text}; {len(finished)}/{ctx.opts.trials} trials, {seconds:.0f}s, '
         f'eta {run_log.format_seconds(eta) if left else "0s"}', file=sys.stderr, flush=True)
@@ -275,34 +277,34 @@ def run_study(opts: Options, base, stop=None) -> dict:
   optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line a trial
   dims = space_lib.parse_space(tuple(base.tune.space), base)
   grid = space_lib.grid_space(dims) if opts.sampler == 'grid' else None
-  if grid is not None and opts.trials > math.prod(len(v) for v in grid.values()):
-    points = math.prod(len(v) for v in grid.values())
+  points = math.prod(len(v) for v in grid.values()) if grid is not None else None
+  if points is not None and opts.trials > points:
     print(f'notice: the grid has {points} points; the study stops there, not at '
           f'--trials {opts.trials}', file=sys.stderr, flush=True)
     opts = dataclasses.replace(opts, trials=points)
   os.makedirs(opts.workdir, exist_ok=True)
-  storage = study_lib.open_storage(opts.storage)
-  values = study_lib.base_values(base)
-  existed = study_lib.check_existing(storage, opts.study, base.eval.monitor, values, dims)
   sampler = study_lib.make_sampler(opts.sampler, int(base.seed),
                                    int(base.tune.startup_trials), grid)
   pruner = study_lib.make_pruner(opts.pruner, int(base.tune.startup_trials),
                                  int(base.tune.warmup_epochs), int(base.train.num_epochs))
-  study = study_lib.open_study(storage, opts.study, sampler, pruner, base.eval.monitor,
-                               values, dims)
-  write_record(opts)
+  values = study_lib.base_values(base)
+  with _choosing(opts.workdir):  # workers of one workdir create the tables and study in turn
+    storage = study_lib.open_storage(opts.storage)
+    existed = study_lib.check_existing(storage, opts.study, base.eval.monitor, values, dims)
+    study = study_lib.open_study(storage, opts.study, sampler, pruner, base.eval.monitor,
+                                 values, dims)
+    write_record(opts)
   held = len(study.get_trials(deepcopy=False))
-  print(f"tune: study {opts.study!r} ({'joined, ' + str(held) + ' trials so far' if existed else 'new'}) "
-        f'in {study_lib._safe(opts.storage)}; {len(dims)} settings searched, '
+  joined = f'joined, {held} trials so far' if existed else 'new'
+  print(f'tune: study {opts.study!r} ({joined}) '
+        f'in {study_lib.redacted(opts.storage)}; {len(dims)} settings searched, '
         f'{opts.trials} trials, sampler {opts.sampler}, pruner {opts.pruner}',
         file=sys.stderr, flush=True)
   ctx = _Context(opts, base, dims, study, stop)
   run_trials(ctx)
   from gear_jax.tuning import report
   path, best_path = report.write(opts.workdir)
-  counts: dict[str, int] = {}
-  for t in study.get_trials(deepcopy=False):
-    counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+  counts = report.state_counts(study)
   best = ('; best ' + f'{study.best_value:.4f} (trial {study.best_trial.number}) -> '
           f'{best_path}' if best_path else '; no trial complete')
   print(f'tune: {sum(counts.values())} trials (' + ', '.join(

@@ -157,12 +157,7 @@ def parse_space(entries: Sequence[str], base) -> list[Dimension]:
 def with_values(base, values: dict[str, Any], seed: int | None = None):
   """A copy of ConfigDict `base` with `values` ({'model.d_model': 64}) and `seed` set."""
   config = copy.deepcopy(base)
-  for key, value in values.items():
-    *path, leaf = key.split('.')
-    node = config
-    for part in path:
-      node = node[part]
-    node[leaf] = float(value) if isinstance(node[leaf], float) else value
+  config.update_from_flattened_dict(dict(values))  # an int into a float key becomes a float
   if seed is not None:
     config.seed = int(seed)
   return config

@@ -11,6 +11,7 @@ else is refused before anything is written.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import optuna
@@ -18,11 +19,10 @@ import optuna
 from gear_jax import defaults
 from gear_jax.errors import ConfigError
 
-SAMPLERS = ('tpe', 'random', 'grid')
-PRUNERS = ('median', 'hyperband', 'none')
 OBJECTIVE_ATTR, BASE_ATTR = 'gear_jax.objective', 'gear_jax.base'
 SPACE_ATTR = 'gear_jax.space'
 SQLITE_TIMEOUT_S = 60  # how long a writer waits for another process's SQLite write
+SCHEMA_RACE_RETRIES = 3  # reopenings after another worker created the tables at once
 
 
 def default_storage(workdir: str) -> str:
@@ -32,21 +32,32 @@ def default_storage(workdir: str) -> str:
 def open_storage(url: str):
   """An Optuna RDB storage for `url`; a URL that cannot be opened (a bad scheme, a
   missing driver, an unreachable server, a directory that does not exist) is one
-  `ConfigError`."""
+  `ConfigError`. Workers that open a new database at the same moment both create its
+  tables; the one that loses that race opens it again (the tables are there then)."""
+  import sqlalchemy.exc
   kwargs = ({'connect_args': {'timeout': SQLITE_TIMEOUT_S}} if url.startswith('sqlite')
             else {'pool_pre_ping': True})
-  try:
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-  except Exception as e:  # noqa: BLE001 - sqlalchemy and drivers raise many kinds
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-    raise ConfigError(f'storage {_safe(url)} cannot be opened: {type(e).__name__}: '
-                      f'{first[:200]}', field='--storage',
-                      hint='e.g. sqlite:///runs/tune/study.db, or '
-                      'postgresql://user:pass@host/db with its driver installed '
-                      '(docs/tuning.md)') from None
+  for attempt in range(SCHEMA_RACE_RETRIES + 1):
+    try:
+      return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except sqlalchemy.exc.IntegrityError as e:
+      if attempt == SCHEMA_RACE_RETRIES:
+        raise _unopenable(url, e) from None
+      time.sleep(0.2 * (attempt + 1))
+    except Exception as e:  # noqa: BLE001 - sqlalchemy and drivers raise many kinds
+      raise _unopenable(url, e) from None
 
 
-def _safe(url: str) -> str:
+def _unopenable(url: str, e: Exception) -> ConfigError:
+  first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+  return ConfigError(f'storage {redacted(url)} cannot be opened: {type(e).__name__}: '
+                     f'{first[:200]}', field='--storage',
+                     hint='e.g. sqlite:///runs/tune/study.db, or '
+                     'postgresql://user:pass@host/db with its driver installed '
+                     '(docs/tuning.md)')
+
+
+def redacted(url: str) -> str:
   """`url` without its password."""
   scheme, sep, rest = url.partition('://')
   if sep and '@' in rest and ':' in rest.rpartition('@')[0]:
