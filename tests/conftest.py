@@ -42,6 +42,16 @@ def write(tmp_path):
   return _write
 
 
+@pytest.fixture(scope='module')
+def data_file(tmp_path_factory):
+  """configs/test.py's synthetic data set (300 users, 150 items) in a temp dir, once per
+  test module (the multi-process tests of test_parallel.py and test_parallel_faults.py)."""
+  from gear_jax.data import synthetic
+  path = tmp_path_factory.mktemp('pdata') / 'synthetic_test.txt'
+  synthetic.write_tsv(path, synthetic.generate(300, 150, seed=0))
+  return path
+
+
 CONFIGS = REPO / 'configs'
 TEST_CONFIG = str(CONFIGS / 'test.py')
 
