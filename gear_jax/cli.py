@@ -208,8 +208,9 @@ class GracefulStop:
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-  def __init__(self):
+  def __init__(self, notice: str = 'stopping at the next step boundary'):
     self.signum: int | None = None
+    self.notice = notice  # what the first signal's line says happens next
     self._previous = {}
 
   @property
@@ -223,8 +224,7 @@ class GracefulStop:
       os._exit(128 + signum)
     self.signum = signum
     name = signal.Signals(signum).name
-    os.write(2, f'\n{name}: stopping at the next step boundary (a second signal '
-                'exits at once)\n'.encode())
+    os.write(2, f'\n{name}: {self.notice} (a second signal exits at once)\n'.encode())
 
   def __enter__(self) -> GracefulStop:
     for s in self.SIGNALS:

@@ -81,3 +81,39 @@ def synthetic_data(directory, num_users: int, num_items: int, seed: int, *,
   data, _ = preprocess.load(str(path), readers.TSV, preprocess.Settings(**settings),
                             cache_dir=cache_dir)
   return data
+
+
+K_FULL = 150  # the catalogue of `shop_run` (checked there)
+
+
+def _raw_id(u: int) -> str:
+  return '7' if u == 8 else (f'{u:03d}' if u < 100 else str(u))
+
+
+def shop_run(root, *train_flags: str) -> dict:
+  """A tiny run trained through the CLI (one epoch, configs/test.py, plus `train_flags`)
+  on a data file in `root` whose ids are text with leading zeros ('007' and '7' are two
+  users, items '0001'..'0150'), with a shopper below min_uc ('short'). Returns the
+  workdir, the data path, `root` and the raw columns as text."""
+  from gear_jax.data import synthetic
+  cols = synthetic.generate(300, 150, seed=0)
+  users = [_raw_id(int(u)) for u in cols['user']]
+  items = [f'{int(i):04d}' for i in cols['item']]
+  behaviors = [synthetic.BEHAVIORS[int(b)] for b in cols['behavior']]
+  stamps = [int(t) for t in cols['timestamp']]
+  # a shopper below min_uc (3): not trained on, still recommended for
+  users += ['short', 'short']
+  items += ['0001', '0002']
+  behaviors += ['pv', 'cart']
+  stamps += [1501137700, 1501137760]
+  data = pathlib.Path(root) / 'shop.tsv'
+  data.write_text(''.join(f'{u}\t{i}\t{b}\t{t}\n'
+                          for u, i, b, t in zip(users, items, behaviors, stamps)))
+  workdir = pathlib.Path(root) / 'run'
+  out = run_module('gear_jax.train', '--config', TEST_CONFIG,
+                   '--workdir', str(workdir), f'--config.data.path={data}',
+                   '--config.train.num_epochs=1', *train_flags)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert len(set(items)) == K_FULL
+  return dict(workdir=str(workdir), data=str(data), root=root, users=users, items=items,
+              behaviors=behaviors, stamps=stamps)

@@ -46,6 +46,7 @@ def probe(**env) -> dict:
   return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # probe processes
 def test_scratch_memory_is_reused_without_page_faults():
   on = probe(PROBE_CONFIGURE='1')
   assert on['applied'] == {'M_ARENA_MAX': 1, 'M_MMAP_MAX': 0,
@@ -60,6 +61,7 @@ def test_scratch_memory_is_reused_without_page_faults():
   assert on['faults'] < pages // 50  # the freed heap memory is reused
 
 
+@pytest.mark.slow  # probe processes
 def test_user_malloc_settings_win():
   assert probe(PROBE_CONFIGURE='1', MALLOC_ARENA_MAX='4')['applied'] == {}
   assert probe(PROBE_CONFIGURE='1', GLIBC_TUNABLES='glibc.malloc.mmap_max=0')['applied'] == {}

@@ -99,6 +99,7 @@ def test_fixture_adam_step(ref):
   assert checked > 10000
 
 
+@pytest.mark.slow
 def test_convert_cli_verify(tmp_path):
   out = run_module('gear_jax.convert', '--input', str(FIXTURE),
                    '--output', str(tmp_path / 'conv'), '--verify')
@@ -214,7 +215,8 @@ def test_shapes_and_param_count(small):
 
 
 @pytest.mark.parametrize('mask_padding', [False, True])
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('dtype', [jnp.float32,
+                                   pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_last_state_is_the_last_output(small, mask_padding, dtype):
   model, params, items, behaviors, gaps = small
   model = model.clone(mask_padding=mask_padding, dtype=dtype)

@@ -11,41 +11,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TEST_CONFIG, run_module
-from gear_jax.data import synthetic
-
-K_FULL = 150  # the whole catalogue of the run (checked in the fixture)
-
-
-def _raw_id(u: int) -> str:
-  return '7' if u == 8 else (f'{u:03d}' if u < 100 else str(u))
+from conftest import K_FULL, run_module, shop_run
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   """(workdir, data path, raw columns as text) of a trained tiny run."""
-  root = tmp_path_factory.mktemp('rec')
-  cols = synthetic.generate(300, 150, seed=0)
-  users = [_raw_id(int(u)) for u in cols['user']]
-  items = [f'{int(i):04d}' for i in cols['item']]
-  behaviors = [synthetic.BEHAVIORS[int(b)] for b in cols['behavior']]
-  stamps = [int(t) for t in cols['timestamp']]
-  # a shopper below min_uc (3): not trained on, still recommended for
-  users += ['short', 'short']
-  items += ['0001', '0002']
-  behaviors += ['pv', 'cart']
-  stamps += [1501137700, 1501137760]
-  data = root / 'shop.tsv'
-  data.write_text(''.join(f'{u}\t{i}\t{b}\t{t}\n'
-                          for u, i, b, t in zip(users, items, behaviors, stamps)))
-  workdir = root / 'run'
-  out = run_module('gear_jax.train', '--config', TEST_CONFIG,
-                   '--workdir', str(workdir), f'--config.data.path={data}',
-                   '--config.train.num_epochs=1', '--config.eval.other_protocol=True')
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert len(set(items)) == K_FULL
-  return dict(workdir=str(workdir), data=str(data), root=root, users=users, items=items,
-              behaviors=behaviors, stamps=stamps)
+  return shop_run(tmp_path_factory.mktemp('rec'), '--config.eval.other_protocol=True')
 
 
 def _recommend(run, *flags):
@@ -67,6 +39,7 @@ def _history(run, user: str, behavior: str | None = None) -> set[str]:
           if u == user and (behavior is None or b == behavior)}
 
 
+@pytest.mark.slow
 def test_cli_raw_ids_exclusions_and_unknown_users(run, tmp_path):
   """Text ids keep their leading zeros ('007' and '7' are different users); --exclude
   seen / target never return an excluded item; unknown ids are warned about; a user
@@ -224,6 +197,7 @@ def test_full_scores_rank_equals_full_protocol_evaluation(run):
   assert abs(full['val/NDCG@10'] - ndcg) < 1e-6
 
 
+@pytest.mark.slow
 def test_export_serves_the_same_lists_without_flax(run, tmp_path):
   """The exported artifact, loaded in a process that never imports flax or
   the model code (gear_jax.models), returns the in-process lists; scores within 1e-5."""

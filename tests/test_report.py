@@ -206,6 +206,7 @@ def test_comparison_groups_seeds_with_mean_and_std(tmp_path):
   assert 'monitor different metrics' in text
 
 
+@pytest.mark.slow
 def test_sweep_runs_the_settings_and_compares(tmp_path):
   """A one-run sweep (one --set value, one seed): the run's directory is named after
   its settings, its config holds them and the pass-through override, and the

@@ -63,6 +63,7 @@ def test_reads_items_only_and_is_causal(setup):
   np.testing.assert_allclose(last, h[:, -1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_is_next_item_cross_entropy(setup):
   model, params, items, behaviors, gaps = setup
   batch = {'items': jnp.asarray(items), 'behaviors': jnp.asarray(behaviors),
